@@ -3,47 +3,209 @@
 Modelled on torchxrayvision's dataset base: a row-aligned metadata frame with
 harmonised columns, labels as 1 / 0 / NaN (unknown), lazily read images, and a tidy
 boxes frame where the source has boxes. Metadata and boxes never touch image files.
+
+Bad input (missing columns, unknown label values, empty, inverted or out-of-image boxes,
+missing image files) raises :class:`CohortError` naming the file, line and field; a
+cohort built with ``on_error="exclude"`` instead drops the item and counts it in
+:attr:`Cohort.exclusions` (item, reason, count), which the book shows as the exclusion
+table. Missing columns always raise: there is no item to drop.
+
+Validation is vectorised (one boolean mask per rule over the whole frame), so half a
+million rows load in seconds.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cxrcore import io as cxio
 
 #: Columns every cohort's ``metadata`` has, in this order, before its label columns.
 METADATA_COLUMNS: tuple[str, ...] = ("image_id", "patient_id", "study_id", "view", "path")
 #: Columns of every cohort's ``boxes`` frame (one row per box, original pixels).
 BOX_COLUMNS: tuple[str, ...] = ("image_id", "class", "x1", "y1", "x2", "y2", "width", "height", "area", "stratum")
+#: Columns a cohort adds after its labels where the source knows them: the provider's
+#: official split, and the image size in pixels (used to check boxes without opening images).
+OPTIONAL_COLUMNS: tuple[str, ...] = ("split", "width", "height")
+#: The two stratum values of a box.
+STRATA: tuple[str, str] = ("small", "large")
+
+OnError = Literal["raise", "exclude"]
+
+
+class CohortError(ValueError):
+    """A cohort's files do not match the documented format; the message says where and what to do."""
+
+
+def _where(file: str | os.PathLike | None, line: int | None = None, field: str | None = None) -> str:
+    parts = [str(file) if file is not None else "<cohort>"]
+    if line is not None:
+        parts.append(f"line {line}")
+    if field is not None:
+        parts.append(f"field {field!r}")
+    return ", ".join(parts)
+
+
+def read_csv(path: str | os.PathLike, *, required: Iterable[str] = (), what: str = "file", **kw) -> pd.DataFrame:
+    """Read a CSV (``.csv`` or ``.csv.gz``), check ``required`` columns, add ``_line`` (1 = header).
+
+    Uses pandas' pyarrow engine for speed; falls back to the C parser when a file has
+    short rows (NIH's own ``BBox_List_2017.csv`` has a header wider than its rows).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CohortError(f"{path}: {what} not found. Download it from the provider (see the cohort's docstring) "
+                          "and put it under the cohort's root folder.")
+    try:
+        try:
+            df = pd.read_csv(path, engine="pyarrow", **kw)
+        except (pd.errors.ParserError, ValueError, TypeError):
+            df = pd.read_csv(path, engine="c", low_memory=False, **kw)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as e:
+        raise CohortError(f"{path}: {what} is not a readable CSV ({e}). Download it again; do not edit it in a "
+                          "spreadsheet program that changes separators or quoting.") from e
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise CohortError(
+            f"{_where(path, 1, missing[0])}: missing column(s) {missing} in the {what}; found {list(df.columns)}. "
+            "Use the provider's file unchanged (see the cohort's docstring for the expected header)."
+        )
+    # Line numbers for messages: the header is line 1 (no multi-line quoted fields in these sources).
+    df["_line"] = np.arange(2, len(df) + 2)
+    return df
+
+
+def arrow_strings(values) -> pa.Array:
+    arr = pa.array(pd.Series(values, dtype="string", copy=False))
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.cast(pa.large_string())
+
+
+def isin(values, universe) -> np.ndarray:
+    """Boolean mask: which ``values`` are in ``universe`` (strings; missing values are not in).
+
+    Arrow's hash join: pandas' ``isin`` on string columns walks the universe in Python.
+    """
+    out = pc.is_in(arrow_strings(values), value_set=pc.unique(arrow_strings(universe)), skip_nulls=True)
+    return out.fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def coerce_labels(values: pd.Series, allowed: Iterable[float] = (1.0, 0.0)) -> tuple[pd.Series, pd.Series]:
+    """Numeric labels and a mask of values that are neither blank nor in ``allowed``."""
+    num = pd.to_numeric(values, errors="coerce").astype("float64")
+    blank = values.isna() | (values.astype("string").str.strip() == "").fillna(True)
+    bad = (~blank & ~num.isin(list(allowed))).to_numpy()
+    return num.where(~blank), pd.Series(bad, index=values.index)
+
+
+def make_boxes(image_id, cls, x1, y1, x2, y2, line=None) -> pd.DataFrame:
+    """A boxes frame in :data:`BOX_COLUMNS` order (stratum unset) plus ``_line`` for messages."""
+    b = pd.DataFrame({"image_id": pd.Series(image_id, dtype="string").to_numpy(),
+                      "class": pd.Series(cls, dtype="string").to_numpy()})
+    for k, v in (("x1", x1), ("y1", y1), ("x2", x2), ("y2", y2)):
+        b[k] = pd.to_numeric(pd.Series(np.asarray(v, dtype=object)), errors="coerce").astype("float64").to_numpy()
+    b["width"] = b["x2"] - b["x1"]
+    b["height"] = b["y2"] - b["y1"]
+    b["area"] = b["width"] * b["height"]
+    b["stratum"] = pd.Series(pd.NA, index=b.index, dtype="string")
+    b["_line"] = np.arange(len(b)) if line is None else np.asarray(line)
+    return b
+
+
+def assign_strata(boxes: pd.DataFrame, rule: str | float | dict = "median") -> pd.Series:
+    """``"small"`` / ``"large"`` per box, decided within each class by area (px^2).
+
+    ``rule``: ``"median"`` (small if area <= the class's median box area, the paper's
+    default), ``"quantile:q"`` (small if area <= the class's q-quantile), a number (a
+    fixed area threshold in px^2 for every class) or a dict ``class -> threshold``.
+    """
+    if len(boxes) == 0:
+        return pd.Series([], index=boxes.index, dtype="string")
+    grouped = boxes.groupby("class", observed=True)["area"]
+    if isinstance(rule, dict):
+        missing = sorted(set(boxes["class"]) - set(rule))
+        if missing:
+            raise ValueError(f"stratify: no area threshold for class(es) {missing}; give one per class.")
+        threshold = boxes["class"].map(rule).astype("float64")
+    elif isinstance(rule, (int, float)) and not isinstance(rule, bool):
+        threshold = pd.Series(float(rule), index=boxes.index)
+    elif rule == "median":
+        threshold = grouped.transform("median")
+    elif isinstance(rule, str) and rule.startswith("quantile:"):
+        q = float(rule.split(":", 1)[1])
+        if not 0.0 < q < 1.0:
+            raise ValueError(f"stratify={rule!r}: the quantile must lie strictly between 0 and 1.")
+        threshold = grouped.transform(lambda a: a.quantile(q))
+    else:
+        raise ValueError(f"stratify={rule!r}: expected 'median', 'quantile:<q>', an area in px^2, or a dict class -> area.")
+    return pd.Series(np.where(boxes["area"] <= threshold, STRATA[0], STRATA[1]), index=boxes.index, dtype="string")
+
+
+def existing_files(paths: pd.Series) -> np.ndarray:
+    """Mask of ``paths`` that exist, from one directory listing per folder (no per-file stat)."""
+    s = paths.astype("string")
+    parents = s.str.rpartition(os.sep)[0]
+    found: set[str] = set()
+    for parent in parents.dropna().unique():
+        try:
+            with os.scandir(parent or ".") as it:
+                found.update(os.path.join(parent, e.name) for e in it)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue  # no folder: every file in it is missing, which the caller reports
+    return isin(s, list(found))
 
 
 class Cohort:
     """Base class: a set of radiographs with harmonised metadata.
 
     Subclasses set ``name``, ``metadata`` (a DataFrame with :data:`METADATA_COLUMNS`
-    then one float column per label in ``label_columns``), ``boxes`` (a DataFrame with
-    :data:`BOX_COLUMNS` or ``None``) and implement :meth:`read_image`.
-    ``exclusions`` is a tidy frame ``reason -> count`` of the items left out and why.
-    ``synthetic`` is True for generated cohorts so every figure can say so.
+    then one float column per label in ``label_columns``, then any of
+    :data:`OPTIONAL_COLUMNS` the source knows), ``boxes`` (a DataFrame with
+    :data:`BOX_COLUMNS` or ``None``) and may override :meth:`read_image` (the default
+    reads ``metadata.path``). ``exclusions`` is a tidy frame ``reason -> count`` of the
+    items left out and why. ``synthetic`` is True for generated cohorts so every figure
+    can say so. ``on_error`` is ``"raise"`` (default) or ``"exclude"``.
     """
 
     name: str = "cohort"
     synthetic: bool = False
     #: Whether the book may show this cohort's pixels (False for credentialed data).
     pixels_public: bool = True
+    #: Reference, data-use terms and download page, for the book's data section.
+    citation: str = ""
+    licence: str = ""
+    homepage: str = ""
     label_columns: list[str]
     metadata: pd.DataFrame
     boxes: pd.DataFrame | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, on_error: OnError = "raise") -> None:
+        if on_error not in ("raise", "exclude"):
+            raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'exclude'.")
+        self.on_error = on_error
         self.label_columns = []
-        self._exclusions: dict[str, int] = {}
+        self._exclusions: dict[tuple[str, str], int] = {}
 
     # -- images -------------------------------------------------------------------------
     def read_image(self, index: int) -> np.ndarray:
-        """Return row ``index``'s image as a 2-D float32 array in [0, 1] (full bit depth kept)."""
-        raise NotImplementedError
+        """Return row ``index``'s image as a 2-D float32 array in [0, 1] (full bit depth kept).
+
+        Boxes whose bounds could not be checked from metadata are checked here against
+        the real image size.
+        """
+        row = self.metadata.iloc[index]
+        img = cxio.read_image(row["path"])
+        if self.boxes is not None and len(self.boxes):
+            self._check_boxes_on_read(row, img.shape)
+        return img
 
     def __len__(self) -> int:
         return len(self.metadata)
@@ -52,18 +214,146 @@ class Cohort:
         for i in range(len(self)):
             yield self.read_image(i)
 
+    def check_images(self) -> "Cohort":
+        """Read every image's header (not its pixels); unreadable ones raise or are excluded.
+
+        Opt-in, because it opens every file; returns ``self`` so it chains.
+        """
+        bad, errors = [], []
+        for i, p in enumerate(self.metadata["path"].to_numpy()):
+            try:
+                cxio.read_image_size(p)
+            except cxio.ImageReadError as e:
+                if self.on_error == "raise":
+                    raise
+                bad.append(i)
+                errors.append(isinstance(e, cxio.ImageMissingError))
+        if bad:
+            n_missing = sum(errors)
+            if n_missing:
+                self.exclude("image file missing", n_missing)
+            if len(bad) - n_missing:
+                self.exclude("image file unreadable (corrupt, truncated or unsupported)", len(bad) - n_missing)
+            dropped = self.metadata.iloc[bad]["image_id"]
+            self.metadata = self.metadata.drop(self.metadata.index[bad]).reset_index(drop=True)
+            self._drop_boxes_of(dropped, "box of an excluded image")
+        return self
+
     # -- exclusions ---------------------------------------------------------------------
-    def exclude(self, reason: str, count: int = 1) -> None:
-        """Count ``count`` items left out for ``reason``."""
-        self._exclusions[reason] = self._exclusions.get(reason, 0) + int(count)
+    def exclude(self, reason: str, count: int = 1, item: str = "image") -> None:
+        """Count ``count`` items (``"image"`` or ``"box"``) left out for ``reason``."""
+        key = (item, reason)
+        self._exclusions[key] = self._exclusions.get(key, 0) + int(count)
 
     @property
     def exclusions(self) -> pd.DataFrame:
-        """Items left out, as a tidy frame with columns ``reason`` and ``count``."""
+        """Items left out, as a tidy frame with columns ``reason``, ``count`` and ``item``."""
         return pd.DataFrame(
-            {"reason": list(self._exclusions), "count": list(self._exclusions.values())},
-            columns=["reason", "count"],
+            {"reason": [r for _, r in self._exclusions], "count": list(self._exclusions.values()),
+             "item": [i for i, _ in self._exclusions]},
+            columns=["reason", "count", "item"],
         )
+
+    # -- validation helpers for subclasses -----------------------------------------------
+    def _screen(self, frame: pd.DataFrame, bad, reason: str, *, file, field: str | None, expected: str,
+                fix: str = "", item: str = "image", show: str | None = None) -> pd.DataFrame:
+        """Drop the rows where ``bad`` (counted under ``reason``) or raise naming the first one."""
+        bad = np.asarray(bad, dtype=bool)
+        n = int(bad.sum())
+        if n == 0:
+            return frame
+        if self.on_error == "raise":
+            first = frame.iloc[int(np.argmax(bad))]
+            line = int(first["_line"]) if "_line" in frame.columns else None
+            col = show or field
+            value = f" (value {first[col]!r})" if col is not None and col in frame.columns else ""
+            more = f"; {n - 1} more such row(s)" if n > 1 else ""
+            raise CohortError(
+                f"{_where(file, line, field)}: {reason}{value}{more}; expected {expected}. "
+                f"{fix + ' ' if fix else ''}Or build the cohort with on_error='exclude' to drop and count them."
+            )
+        self.exclude(reason, n, item)
+        return frame.loc[~bad]
+
+    def _screen_boxes(self, boxes: pd.DataFrame, *, file, sizes: pd.DataFrame | None = None,
+                      known_ids: Iterable[str] = (), kept_ids: Iterable[str] | None = None,
+                      source_fields: dict[str, str] | None = None) -> pd.DataFrame:
+        """Check boxes: numbers, known image, not empty, not inverted, inside the image.
+
+        ``known_ids``: every image id the source lists; ``kept_ids``: those still in the
+        metadata (boxes of excluded images are counted, not raised). ``sizes``: frame with
+        ``image_id``, ``width``, ``height`` (NaN where unknown; checked on read instead).
+        """
+        f = source_fields or {}
+        name = lambda k: f.get(k, k)  # noqa: E731 - the source's own field name in messages
+        for k in ("x1", "y1", "x2", "y2"):
+            boxes = self._screen(boxes, ~np.isfinite(boxes[k].to_numpy()), "box coordinate not a number",
+                                 file=file, field=name(k), show=k, expected="a finite number of pixels", item="box")
+        boxes = self._screen(boxes, ~isin(boxes["image_id"], known_ids), "box for an image not in the metadata",
+                             file=file, field=name("image_id"), show="image_id",
+                             expected="an image id listed in the metadata", item="box")
+        if kept_ids is not None:
+            gone = ~isin(boxes["image_id"], kept_ids)
+            if gone.any():
+                self.exclude("box of an excluded image", int(gone.sum()), "box")
+                boxes = boxes.loc[~gone]
+        for lo, hi, dim in (("x1", "x2", "width"), ("y1", "y2", "height")):
+            boxes = self._screen(boxes, (boxes[dim] == 0).to_numpy(), "empty box (zero width or height)",
+                                 file=file, field=name(hi), show=hi, expected=f"{hi} > {lo}", item="box")
+            boxes = self._screen(boxes, (boxes[dim] < 0).to_numpy(), "inverted box (x2 < x1 or y2 < y1)",
+                                 file=file, field=name(hi), show=hi, expected=f"{hi} > {lo}",
+                                 fix="Boxes are (x1, y1, x2, y2) in pixels.", item="box")
+        for k in ("x1", "y1"):
+            boxes = self._screen(boxes, (boxes[k] < 0).to_numpy(), "box outside the image",
+                                 file=file, field=name(k), show=k, expected=f"{k} >= 0", item="box")
+        if sizes is not None and len(boxes):
+            wh = boxes[["image_id"]].merge(sizes[["image_id", "width", "height"]].drop_duplicates("image_id"),
+                                           on="image_id", how="left")
+            wh.index = boxes.index
+            for k, dim in (("x2", "width"), ("y2", "height")):
+                limit = wh[dim].to_numpy(dtype="float64")
+                boxes = self._screen(boxes, boxes[k].to_numpy() > np.where(np.isnan(limit), np.inf, limit),
+                                     "box outside the image", file=file, field=name(k), show=k,
+                                     expected=f"{k} <= the image {dim} given in the metadata", item="box")
+                wh = wh.loc[boxes.index]
+        return boxes
+
+    def _finish_boxes(self, boxes: pd.DataFrame, stratify) -> pd.DataFrame:
+        boxes = boxes.copy()
+        boxes["stratum"] = assign_strata(boxes, stratify)
+        return boxes[list(BOX_COLUMNS)].reset_index(drop=True)
+
+    def _drop_boxes_of(self, image_ids, reason: str) -> None:
+        if self.boxes is None or not len(self.boxes):
+            return
+        gone = pd.Series(isin(self.boxes["image_id"], image_ids), index=self.boxes.index)
+        if gone.any():
+            self.exclude(reason, int(gone.sum()), "box")
+            self.boxes = self.boxes.loc[~gone].reset_index(drop=True)
+
+    def _check_boxes_on_read(self, row: pd.Series, shape: tuple[int, ...]) -> None:
+        h, w = shape[:2]
+        mine = (self.boxes["image_id"] == row["image_id"]).to_numpy()
+        if not mine.any():
+            return
+        meta_w, meta_h = row.get("width", np.nan), row.get("height", np.nan)
+        if pd.notna(meta_w) and pd.notna(meta_h) and (int(meta_w), int(meta_h)) != (w, h):
+            reason, detail = "image size differs from the metadata", (
+                f"image is {w}x{h} px but the metadata says {int(meta_w)}x{int(meta_h)}; its boxes would be wrong. "
+                "Use the provider's full-size images")
+        else:
+            b = self.boxes.loc[mine]
+            out = ((b["x2"] > w) | (b["y2"] > h)).to_numpy()
+            if not out.any():
+                return
+            mine[mine] = out
+            reason, detail = "box outside the image", (
+                f"box {b.loc[out].iloc[0][['x1', 'y1', 'x2', 'y2']].tolist()} exceeds the image's {w}x{h} px")
+        if self.on_error == "raise":
+            raise CohortError(f"{row['path']}: {detail}. Check the box file, or build the cohort with "
+                              "on_error='exclude' to drop and count such boxes.")
+        self.exclude(reason + " (found on read)", int(mine.sum()), "box")
+        self.boxes = self.boxes.loc[~mine].reset_index(drop=True)
 
     def __repr__(self) -> str:
         nb = 0 if self.boxes is None else len(self.boxes)
