@@ -1,48 +1,53 @@
 """DINOv2-family ViTs through transformers' ``Dinov2Model``: RAD-DINO and DINOv2-B/14.
 
-Token layout of ``last_hidden_state`` (after the final LayerNorm): ``[CLS, patches]``.
+Token layout of ``last_hidden_state`` (after the final LayerNorm): ``[CLS, patches]``
+(``Dinov2WithRegistersModel``: ``[CLS, registers, patches]``). The global embedding is
+the CLS token. Positional embeddings are interpolated by the model, so 518 px runs
+the published 37x37 grid.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
-from .base import Encoder, EncoderSpec
+from .hf import HFEncoder
 
 
-class Dinov2Encoder(Encoder):
+class Dinov2Encoder(HFEncoder):
     """``Dinov2Model``: CLS is token 0, the patch grid follows in row-major order."""
 
-    @staticmethod
-    def build(spec: EncoderSpec, weights: str | None, stand_in: bool) -> torch.nn.Module:
-        from transformers import Dinov2Config, Dinov2Model
-
-        if stand_in:
-            # Same class, patch size, input size and token layout as the published model;
-            # narrow and shallow so it runs on a laptop CPU. Seeded: the same stand-in everywhere.
-            cfg = Dinov2Config(image_size=spec.input_size, patch_size=spec.patch_size, hidden_size=64,
-                               num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2)
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                return Dinov2Model(cfg)
-        return Dinov2Model.from_pretrained(weights)
+    family = "dinov2"
+    model_class = "Dinov2Model"
+    config_class = "Dinov2Config"
 
     def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(pixel_values=pixels)
-        tokens = out.last_hidden_state
-        b, n, d = tokens.shape
-        h, w = pixels.shape[-2] // self.spec.patch_size, pixels.shape[-1] // self.spec.patch_size
-        first = 1 + self.spec.num_register_tokens
-        if n - first != h * w:
-            raise RuntimeError(f"{self.spec.key}: expected {h * w} patch tokens after {first} leading tokens, got {n - first}")
-        return tokens[:, 0], tokens[:, first:].reshape(b, h, w, d)
+        tokens = self.model(pixel_values=pixels).last_hidden_state
+        return tokens[:, 0], self._prefix_split(tokens, pixels, 1 + self.spec.num_register_tokens)
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
-        self._write_descriptor(path)
-        return path
+
+class Dinov2RegistersEncoder(Dinov2Encoder):
+    """``Dinov2WithRegistersModel`` (only reachable as ``hf:<id>``): registers follow CLS."""
+
+    family = "dinov2_with_registers"
+    model_class = "Dinov2WithRegistersModel"
+    config_class = "Dinov2WithRegistersConfig"
+
+
+class HFViTEncoder(Dinov2Encoder):
+    """Plain ``ViTModel`` (only reachable as ``hf:<id>``): ``[CLS, patches]``."""
+
+    family = "vit"
+    model_class = "ViTModel"
+    config_class = "ViTConfig"
+
+    @classmethod
+    def build(cls, spec, weights, stand_in):  # noqa: ANN001 - same signature as the base
+        model = super().build(spec, weights, stand_in)
+        model.pooler = None  # the pooler is a tanh head on CLS, not part of the frozen tokens
+        return model
+
+    def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = self._grid_hw(pixels)
+        interp = (h * w) != self.model.embeddings.patch_embeddings.num_patches
+        tokens = self.model(pixel_values=pixels, interpolate_pos_encoding=interp).last_hidden_state
+        return tokens[:, 0], self._prefix_split(tokens, pixels, 1)
