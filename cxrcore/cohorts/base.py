@@ -266,7 +266,9 @@ class Cohort:
             first = frame.iloc[int(np.argmax(bad))]
             line = int(first["_line"]) if "_line" in frame.columns else None
             col = show or field
-            value = f" (value {first[col]!r})" if col is not None and col in frame.columns else ""
+            v = first[col] if col is not None and col in frame.columns else None
+            v = v.item() if isinstance(v, np.generic) else v  # "2.0", not "np.float64(2.0)"
+            value = f" (value {v!r})" if col is not None and col in frame.columns else ""
             more = f"; {n - 1} more such row(s)" if n > 1 else ""
             raise CohortError(
                 f"{_where(file, line, field)}: {reason}{value}{more}; expected {expected}. "
