@@ -23,6 +23,9 @@ import torch.nn.functional as F
 GeometryMode = Literal["pad_square", "center_crop", "resize"]
 GEOMETRY_MODES: tuple[str, ...] = ("pad_square", "center_crop", "resize")
 
+#: Overlap (in cell units) below which a box edge counts as lying on a cell boundary.
+CELL_EDGE_TOLERANCE = 1e-6
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -76,10 +79,13 @@ class Geometry:
         x1, y1, x2, y2 = self.to_input([box])[0]
         gh, gw = self.grid
         s = self.stride
-        c0 = max(0, math.floor(x1 / s))
-        r0 = max(0, math.floor(y1 / s))
-        c1 = min(gw, math.ceil(x2 / s))
-        r1 = min(gh, math.ceil(y2 / s))
+        # A box edge that lies on a cell boundary up to float round-off (e.g. after the
+        # scale/offset round trip) does not touch the neighbouring cell: positive overlap only.
+        eps = CELL_EDGE_TOLERANCE
+        c0 = max(0, math.floor(x1 / s + eps))
+        r0 = max(0, math.floor(y1 / s + eps))
+        c1 = min(gw, math.ceil(x2 / s - eps))
+        r1 = min(gh, math.ceil(y2 / s - eps))
         if c1 <= c0 or r1 <= r0:
             raise ValueError(
                 f"box {tuple(float(v) for v in box)} (original pixels of a {self.src_hw[1]}x{self.src_hw[0]} "
