@@ -335,7 +335,7 @@ class Cohort:
 
     def _check_boxes_on_read(self, row: pd.Series, shape: tuple[int, ...]) -> None:
         h, w = shape[:2]
-        mine = (self.boxes["image_id"] == row["image_id"]).to_numpy()
+        mine = (self.boxes["image_id"] == row["image_id"]).to_numpy(dtype=bool, copy=True)
         if not mine.any():
             return
         meta_w, meta_h = row.get("width", np.nan), row.get("height", np.nan)
