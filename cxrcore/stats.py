@@ -449,7 +449,7 @@ def bootstrap_auc(
     ci: float = 0.95,
     method: str = "percentile",
     groups=None,
-    seed: int = 0,
+    seed: int | np.random.SeedSequence = 0,
     n_jobs: int | None = None,
 ) -> BootstrapResult:
     """Stratified bootstrap CI of an AUC, or of two AUCs and their paired difference.
@@ -460,7 +460,8 @@ def bootstrap_auc(
     ``score_b`` is scored on the same replicates, giving a CI for ``auc - auc_b``.
     method: "percentile" or "bca" (Efron 1987, JASA 82:171), whose acceleration comes from
     the closed-form jackknife of the DeLong placements (DeLong et al. 1988).
-    The same ``seed`` gives the same replicates whatever ``n_jobs`` is.
+    seed: an int or a SeedSequence; the same seed gives the same replicates whatever
+    ``n_jobs`` is (threads; the hot loops release the GIL).
     """
     if method not in ("percentile", "bca"):
         raise ValueError(f"method must be 'percentile' or 'bca'; got {method!r}")
@@ -509,7 +510,8 @@ def bootstrap_auc(
         clusters = (strata, n_groups, cp, cn)
 
     n_chunks = -(-n_boot // _CHUNK)
-    seeds = np.random.SeedSequence(seed).spawn(n_chunks)
+    root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    seeds = root.spawn(n_chunks)
     sizes = [min(_CHUNK, n_boot - i * _CHUNK) for i in range(n_chunks)]
     workers = min(_n_workers(n_jobs), n_chunks)
     if workers > 1:

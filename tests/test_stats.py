@@ -334,3 +334,305 @@ def test_nonzero_difference_with_zero_variance_is_infinite_z():
     y = np.array([0, 0, 0, 1, 1, 1])
     r = stats.delong_paired(y, [0, 1, 2, 3, 4, 5], np.zeros(6))
     assert r.z == math.inf and r.p_value == 0.0 and r.log10_p == -math.inf
+
+
+# -- bootstrap -------------------------------------------------------------------------------
+def ref_weighted_auc(y, s, w):
+    """AUC of a weighted sample (weight = times a row was drawn), over all pairs."""
+    y = np.asarray(y).astype(bool)
+    x, z = s[y], s[~y]
+    wx, wz = w[y], w[~y]
+    psi = (x[:, None] > z[None, :]) + 0.5 * (x[:, None] == z[None, :])
+    return float(wx @ psi @ wz / (wx.sum() * wz.sum()))
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "imbalanced", "perfect"])
+def test_weighted_ranker_matches_pairwise(kind):
+    y, a, _ = make_data(kind, seed=5)
+    rng = np.random.default_rng(1)
+    w = rng.poisson(1.0, y.size).astype(float)
+    yb = y.astype(bool)
+    rk = stats._Ranker(a[yb], a[~yb])
+    got = (w[~yb] * rk.above(w[yb])[rk.key]).sum() / (w[yb].sum() * w[~yb].sum())
+    assert got == pytest.approx(ref_weighted_auc(y, a, w), abs=1e-12)
+
+
+@pytest.mark.parametrize("prevalence", [0.3, 0.8])  # 0.8 exercises the class swap
+def test_each_stratified_replicate_is_the_auc_of_a_stratified_resample(prevalence):
+    rng = np.random.default_rng(2)
+    n = 150
+    y = (rng.random(n) < prevalence).astype(int)
+    s = np.round(y + rng.normal(size=n), 1)
+    res = stats.bootstrap_auc(y, s, n_boot=stats._CHUNK, seed=11, n_jobs=1)
+    # Redraw with the generator the first chunk used, in the order the code draws:
+    # the smaller class first (as counts), then the larger class.
+    gen = np.random.default_rng(np.random.SeedSequence(11).spawn(1)[0])
+    small, large = (1, 0) if y.sum() <= n - y.sum() else (0, 1)
+    idx_small, idx_large = np.flatnonzero(y == small), np.flatnonzero(y == large)
+    for r in range(stats._CHUNK):
+        pick_small = idx_small[gen.integers(0, idx_small.size, idx_small.size, dtype=np.int32)]
+        pick_large = idx_large[gen.integers(0, idx_large.size, idx_large.size, dtype=np.int32)]
+        rows = np.r_[pick_small, pick_large]
+        assert res.replicates[r] == pytest.approx(ref_components(y[rows], s[rows])[0], abs=1e-12)
+
+
+def test_bootstrap_is_reproducible_and_independent_of_threads():
+    y, a, b = make_data("ties", seed=3)
+    r1 = stats.bootstrap_auc(y, a, b, n_boot=300, seed=7, n_jobs=1)
+    r3 = stats.bootstrap_auc(y, a, b, n_boot=300, seed=7, n_jobs=3)
+    np.testing.assert_array_equal(r1.replicates, r3.replicates)
+    assert r1 == r3
+    r_other = stats.bootstrap_auc(y, a, b, n_boot=300, seed=8, n_jobs=1)
+    assert not np.array_equal(r1.replicates, r_other.replicates)
+    # the paired run scores score_a on exactly the replicates of the single-score run
+    single = stats.bootstrap_auc(y, a, n_boot=300, seed=7)
+    np.testing.assert_array_equal(single.replicates, r1.replicates[:, 0])
+    assert r1.difference == pytest.approx(r1.auc - r1.auc_b)
+    assert r1.replicates.shape == (300, 2)
+
+
+def test_bootstrap_spread_agrees_with_delong_se():
+    y, a, _ = make_data("imbalanced", seed=4)
+    res = stats.bootstrap_auc(y, a, n_boot=2000, seed=0)
+    se = math.sqrt(stats.delong(y, a).variance)
+    assert np.std(res.replicates, ddof=1) == pytest.approx(se, rel=0.12)
+    assert res.ci_low < res.auc < res.ci_high
+    assert res.replicates.mean() == pytest.approx(res.auc, abs=0.2 * se)
+
+
+def test_bootstrap_perfect_separation_and_identical_scores():
+    y, a, _ = make_data("perfect")
+    for method in ("percentile", "bca"):
+        r = stats.bootstrap_auc(y, a, a + 1.0, n_boot=200, method=method)
+        assert (r.ci_low, r.ci_high) == (1.0, 1.0)
+        assert (r.diff_ci_low, r.diff_ci_high) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("method", ["percentile", "bca"])
+def test_bootstrap_ci_coverage(method):
+    """Coverage of the true AUC in repeated binormal samples (true AUC = Phi(d / sqrt 2))."""
+    d, true_auc, hits, sims = 1.2, norm.cdf(1.2 / math.sqrt(2)), 0, 200
+    rng = np.random.default_rng(123)
+    for i in range(sims):
+        y = np.r_[np.zeros(90, int), np.ones(40, int)]
+        s = rng.normal(size=130) + d * y
+        r = stats.bootstrap_auc(y, s, n_boot=400, method=method, seed=i, n_jobs=1)
+        hits += r.ci_low <= true_auc <= r.ci_high
+    assert 0.89 <= hits / sims <= 0.99
+
+
+def test_jackknife_closed_form_matches_refitting():
+    y, a, _ = make_data("ties", seed=6)
+    y, a = y[:80], a[:80]
+    theta, v10, v01 = ref_components(y, a)
+    jack = stats._jackknife(v10, v01, theta)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    brute = [ref_components(np.delete(y, i), np.delete(a, i))[0] for i in np.r_[pos, neg]]
+    np.testing.assert_allclose(jack, brute, atol=1e-12)
+
+
+def test_cluster_jackknife_closed_form_matches_refitting():
+    rng = np.random.default_rng(9)
+    n = 90
+    groups = rng.integers(0, 25, n)
+    y = (rng.random(n) < 0.4).astype(int)
+    a = np.round(y + rng.normal(size=n), 1)
+    codes = np.unique(groups, return_inverse=True)[1]
+    theta, v10, v01 = ref_components(y, a)
+    yb = y.astype(bool)
+    jack = stats._cluster_jackknife(a[yb], a[~yb], codes[yb], codes[~yb], codes.max() + 1, v10, v01, theta)
+    brute = []
+    for c in range(codes.max() + 1):
+        keep = codes != c
+        if 0 < y[keep].sum() < keep.sum():
+            brute.append(ref_components(y[keep], a[keep])[0])
+    np.testing.assert_allclose(jack, brute, atol=1e-12)
+
+
+def test_bca_reduces_to_percentile_without_bias_or_skew():
+    theta = 0.7
+    d = np.linspace(0.001, 0.1, 500)
+    reps = theta + np.r_[d, -d]
+    jack = theta + np.r_[d[:50], -d[:50]]
+    assert stats._bca_interval(theta, reps, jack, 0.05) == pytest.approx(
+        stats._percentile_interval(reps, 0.05), abs=1e-12
+    )
+
+
+def test_bca_bias_correction_moves_the_interval_towards_theta():
+    # 70% of replicates above theta: the bootstrap overshoots, so BCa moves both limits down.
+    theta = 0.8
+    reps = theta + np.random.default_rng(0).normal(0.01, 0.02, 4000)
+    jack = np.full(10, theta)  # no acceleration
+    lo, hi = stats._bca_interval(theta, reps, jack, 0.05)
+    p_lo, p_hi = stats._percentile_interval(reps, 0.05)
+    assert lo < p_lo and hi < p_hi
+    z0 = norm.ppf(np.mean(reps < theta))
+    assert lo == pytest.approx(np.quantile(reps, norm.cdf(2 * z0 + norm.ppf(0.025))), abs=1e-12)
+
+
+def test_cluster_bootstrap_does_not_count_repeat_images_as_new_patients():
+    rng = np.random.default_rng(10)
+    n = 300
+    y = (rng.random(n) < 0.4).astype(int)
+    s = y * 0.8 + rng.normal(size=n)
+    y3, s3, pid = np.repeat(y, 3), np.repeat(s, 3), np.repeat(np.arange(n), 3)
+    width = lambda r: r.ci_high - r.ci_low  # noqa: E731
+    once = stats.bootstrap_auc(y, s, n_boot=1500, seed=1)
+    naive = stats.bootstrap_auc(y3, s3, n_boot=1500, seed=1)
+    grouped = stats.bootstrap_auc(y3, s3, n_boot=1500, seed=1, groups=pid)
+    assert grouped.n_groups == n
+    assert width(grouped) == pytest.approx(width(once), rel=0.15)
+    assert width(naive) < 0.75 * width(once)  # triplicates fake a sqrt(3)-times larger sample
+    bca = stats.bootstrap_auc(y3, s3, n_boot=1500, seed=1, groups=pid, method="bca")
+    assert bca.ci_low < bca.auc < bca.ci_high
+
+
+def test_cluster_bootstrap_with_mixed_patients():
+    rng = np.random.default_rng(12)
+    pid = rng.integers(0, 60, 400)
+    y = (rng.random(400) < 0.3).astype(int)
+    a = y + rng.normal(size=400)
+    b = 0.5 * a + rng.normal(size=400)
+    for method in ("percentile", "bca"):
+        r = stats.bootstrap_auc(y, a, b, groups=pid, n_boot=500, method=method)
+        assert r.ci_low < r.auc < r.ci_high and r.ci_low_b < r.auc_b < r.ci_high_b
+        assert r.diff_ci_low < r.difference < r.diff_ci_high
+
+
+def test_bootstrap_refuses_bad_arguments():
+    y, a, _ = make_data("continuous")
+    with pytest.raises(ValueError, match="method"):
+        stats.bootstrap_auc(y, a, method="basic")
+    with pytest.raises(ValueError, match="n_boot"):
+        stats.bootstrap_auc(y, a, n_boot=0)
+    with pytest.raises(ValueError, match="groups has 3 rows"):
+        stats.bootstrap_auc(y, a, groups=[1, 2, 3])
+    with pytest.raises(ValueError, match="score_b"):
+        stats.bootstrap_auc(y, a, a[:-1])
+
+
+# -- multiplicity ----------------------------------------------------------------------------
+def test_fdr_bh_known_values_and_nan():
+    p = [0.01, 0.04, 0.03, 0.2]
+    np.testing.assert_allclose(stats.fdr_bh(p), [0.04, 0.16 / 3, 0.16 / 3, 0.2])
+    out = stats.fdr_bh([0.01, np.nan, 0.04])
+    assert np.isnan(out[1]) and out[0] == pytest.approx(0.02) and out[2] == pytest.approx(0.04)
+    assert stats.fdr_bh([]).shape == (0,)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        stats.fdr_bh([0.5, 1.5])
+
+
+# -- tidy tables -----------------------------------------------------------------------------
+def _panel(seed=0):
+    """A small long frame: two encoders x two perturbation cells, three pooling modes."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for enc in ("enc_a", "enc_b"):
+        for cell in ("blur_small", "blur_large"):
+            n = 160
+            y = (rng.random(n) < 0.35).astype(int)
+            base = rng.normal(size=n)
+            frames.append(pd.DataFrame({
+                "encoder": enc, "cell": cell, "label": y, "patient_id": rng.integers(0, 60, n),
+                "cls": base + 0.1 * y,
+                "patch_mean": base + 0.4 * y + 0.3 * rng.normal(size=n),
+                "roi_local": base + 1.5 * y + 0.3 * rng.normal(size=n),
+            }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_auc_table_rows_values_and_stable_seeds():
+    df = _panel()
+    pools = ["cls", "patch_mean", "roi_local"]
+    tab = stats.auc_table(df, pools, "label", by=["encoder", "cell"], n_boot=200, score_name="pooling")
+    assert list(tab.columns[:3]) == ["encoder", "cell", "pooling"]
+    assert {"auc", "ci_low", "ci_high", "n_pos", "n_neg"} <= set(tab.columns)
+    assert len(tab) == 12
+    for row in tab.itertuples():
+        part = df[(df.encoder == row.encoder) & (df.cell == row.cell)]
+        assert row.auc == stats.auc(part.label, part[row.pooling])
+        assert row.ci_low <= row.auc <= row.ci_high
+        assert row.n_pos == part.label.sum() and row.n_neg == (part.label == 0).sum()
+    # a stratum's interval does not depend on which other strata are in the frame
+    alone = stats.auc_table(df[df.encoder == "enc_b"], pools, "label", by=["encoder", "cell"], n_boot=200,
+                            score_name="pooling")
+    merged = tab[tab.encoder == "enc_b"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(alone, merged)
+    grouped = stats.auc_table(df, "roi_local", "label", by="encoder", n_boot=100, group_col="patient_id")
+    assert len(grouped) == 2 and grouped["score"].eq("roi_local").all()
+    dl = stats.auc_table(df, pools, "label", method="delong")
+    assert (dl.n_boot == 0).all() and len(dl) == 3
+
+
+def test_auc_table_names_the_failing_stratum():
+    df = _panel()
+    df.loc[(df.encoder == "enc_a") & (df.cell == "blur_large"), "label"] = 0
+    with pytest.raises(ValueError, match="encoder=enc_a, cell=blur_large"):
+        stats.auc_table(df, ["cls"], "label", by=["encoder", "cell"], n_boot=50)
+    with pytest.raises(KeyError, match="missing_col"):
+        stats.auc_table(df, ["missing_col"], "label")
+    df2 = _panel()
+    df2.loc[::7, "roi_local"] = np.nan  # e.g. images without a box
+    with pytest.raises(ValueError, match="NaN"):
+        stats.auc_table(df2, ["roi_local"], "label", n_boot=50)
+    tab = stats.auc_table(df2, ["roi_local"], "label", n_boot=50, dropna=True)
+    assert tab.n_pos.iloc[0] + tab.n_neg.iloc[0] == df2.roi_local.notna().sum()
+
+
+def test_compare_table_paired_delong_and_bh_families():
+    df = _panel()
+    tab = stats.compare_table(df, ["cls", "patch_mean", "roi_local"], "label", by=["encoder", "cell"])
+    assert len(tab) == 8
+    assert set(zip(tab.a, tab.b)) == {("patch_mean", "cls"), ("roi_local", "cls")}
+    for c in ("a", "b", "auc_a", "auc_b", "delta", "z", "p_value", "p_adj"):
+        assert c in tab.columns
+    for row in tab.itertuples():
+        part = df[(df.encoder == row.encoder) & (df.cell == row.cell)]
+        r = stats.delong_paired(part.label, part[row.a], part[row.b])
+        assert (row.z, row.p_value, row.delta) == (r.z, r.p_value, r.auc_a - r.auc_b)
+    np.testing.assert_allclose(tab.p_adj, stats.fdr_bh(tab.p_value))
+    assert (tab.family == "all").all()
+    fam = stats.compare_table(df, ["cls", "patch_mean", "roi_local"], "label", by=["encoder", "cell"],
+                              family=["encoder"])
+    for enc, part in fam.groupby("encoder"):
+        np.testing.assert_allclose(part.p_adj, stats.fdr_bh(part.p_value))
+    assert not np.allclose(fam.p_adj, tab.p_adj)
+    explicit = stats.compare_table(df, ["cls", "roi_local"], "label", pairs=[("roi_local", "patch_mean")])
+    assert list(explicit[["a", "b"]].iloc[0]) == ["roi_local", "patch_mean"]
+    with pytest.raises(ValueError, match="family"):
+        stats.compare_table(df, ["cls", "roi_local"], "label", by=["encoder"], family=["cell"])
+
+
+# -- permutation floor -----------------------------------------------------------------------
+def test_permutation_floor_between_patients():
+    rng = np.random.default_rng(0)
+    n_pat = 80
+    pid = np.repeat(np.arange(n_pat), 2)
+    y_pat = (rng.random(n_pat) < 0.4).astype(int)
+    y = y_pat[pid]
+    X = rng.normal(size=(pid.size, 8)).astype(np.float32)
+    X[:, 0] += 1.5 * y
+    res = stats.permutation_floor(X, y, pid, probe=LinearProbe(Cs=(1.0,)), n_permutations=25, permute="between")
+    assert res.observed_auc > 0.65  # the oracle feature alone reaches 0.81 here
+    assert abs(res.null_mean - 0.5) < 0.1 and res.floor < res.observed_auc
+    assert res.p_value == pytest.approx(1 / 26)
+    assert res.null.shape == (25,)
+    row = res.to_frame()
+    assert list(row.columns[:3]) == ["observed_auc", "null_mean", "null_sd"] and len(row) == 1
+    with pytest.raises(ValueError, match="permute='between'"):
+        stats.permutation_floor(X, y, pid, n_permutations=2)  # 'within' is a no-op here
+
+
+def test_permutation_floor_within_source_images():
+    # clean (0) and perturbed (1) copy of each source image; a chance-level feature
+    rng = np.random.default_rng(1)
+    n_src = 60
+    src = np.repeat(np.arange(n_src), 2)
+    y = np.tile([0, 1], n_src)
+    X = rng.normal(size=(src.size, 6)).astype(np.float32)
+    res = stats.permutation_floor(X, y, src, probe=LinearProbe(Cs=(1.0,)), n_permutations=15, seed=3)
+    assert res.permute == "within"
+    assert 0.3 < res.null_mean < 0.7 and res.p_value > 0.05
+    with pytest.raises(ValueError, match="permute='within'"):
+        stats.permutation_floor(X, y, src, n_permutations=2, permute="between")
