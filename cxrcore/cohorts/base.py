@@ -263,10 +263,11 @@ class Cohort:
         if n == 0:
             return frame
         if self.on_error == "raise":
-            first = frame.iloc[int(np.argmax(bad))]
-            line = int(first["_line"]) if "_line" in frame.columns else None
+            pos = int(np.argmax(bad))
+            line = int(frame["_line"].iloc[pos]) if "_line" in frame.columns else None
             col = show or field
-            v = first[col] if col is not None and col in frame.columns else None
+            # Column first, then row: a row of a numeric frame would upcast ids to float.
+            v = frame[col].iloc[pos] if col is not None and col in frame.columns else None
             v = v.item() if isinstance(v, np.generic) else v  # "2.0", not "np.float64(2.0)"
             value = f" (value {v!r})" if col is not None and col in frame.columns else ""
             more = f"; {n - 1} more such row(s)" if n > 1 else ""
