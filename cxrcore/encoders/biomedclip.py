@@ -100,10 +100,20 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def timm_set_input_size(encoder: Encoder, trunk: torch.nn.Module) -> None:
+    """Resample a timm ViT's position table when run at a size other than its native one."""
+    if tuple(trunk.patch_embed.img_size) != (encoder.input_size, encoder.input_size):
+        trunk.set_input_size(img_size=encoder.input_size)
+
+
 class BiomedClipEncoder(Encoder):
     """open_clip ``TimmModel`` image tower: CLS (pre-projection) + patch grid from ``trunk.forward_features``."""
 
     family = "open_clip_timm"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        timm_set_input_size(self, self.model.trunk)
 
     @classmethod
     def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool) -> torch.nn.Module:
@@ -138,6 +148,8 @@ class BiomedClipEncoder(Encoder):
                 f"not the published {want['timm_model_name']} at {want['image_size']}"
             )
         visual = build_visual(config, desc.get("trunk_kwargs"))
+        if desc.get("input_size") and tuple(visual.trunk.patch_embed.img_size) != (desc["input_size"],) * 2:
+            visual.trunk.set_input_size(img_size=desc["input_size"])  # saved at another size: same table shape
         visual_state = {k[len("visual."):]: t for k, t in state.items() if k.startswith("visual.")}
         if not visual_state:
             raise ValueError(f"{spec.key}: no 'visual.*' weights in {weights}; is this an open_clip checkpoint?")
@@ -176,17 +188,3 @@ class BiomedClipEncoder(Encoder):
         self._write_descriptor(path, trunk_kwargs=TIMM_STAND_IN if self.stand_in else None)
         return path
 
-
-def _timm_set_input_size(encoder: Encoder, trunk: torch.nn.Module) -> None:
-    """Resample a timm ViT's position table when run at a size other than its native one."""
-    native = tuple(trunk.patch_embed.img_size)
-    if native != (encoder.input_size, encoder.input_size):
-        trunk.set_input_size(img_size=encoder.input_size)
-
-
-def _init_with_size(self: BiomedClipEncoder, *args: Any, **kwargs: Any) -> None:
-    Encoder.__init__(self, *args, **kwargs)
-    _timm_set_input_size(self, self.model.trunk)
-
-
-BiomedClipEncoder.__init__ = _init_with_size  # type: ignore[method-assign]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .base import Encoder, EncoderSpec, explain_load_failure, read_descriptor, seeded
+from .biomedclip import timm_set_input_size
 
 TIMM_STAND_IN = {"embed_dim": 64, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
 
@@ -60,8 +61,7 @@ class TimmViTEncoder(Encoder):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if tuple(self.model.patch_embed.img_size) != (self.input_size, self.input_size):
-            self.model.set_input_size(img_size=self.input_size)
+        timm_set_input_size(self, self.model)
 
     @classmethod
     def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool) -> torch.nn.Module:
@@ -75,6 +75,8 @@ class TimmViTEncoder(Encoder):
                 from safetensors.torch import load_file
 
                 model = _create(name, **(desc.get("timm_kwargs") or {}))
+                if desc.get("input_size") and tuple(model.patch_embed.img_size) != (desc["input_size"],) * 2:
+                    model.set_input_size(img_size=desc["input_size"])
                 model.load_state_dict(load_file(str(Path(weights) / "model.safetensors")))
                 return model
             if Path(weights).expanduser().is_file():
