@@ -8,13 +8,13 @@ reachable as ``timm:<model name>`` and a transformers vision model as ``hf:<mode
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .base import (CXRCORE_ENCODER_FILE, FAMILIES, Encoder, EncoderSpec, Encoding, WeightsUnavailableError,
                    read_descriptor, vit_flops)
+# importing the family modules registers them in FAMILIES (Encoder.__init_subclass__)
 from .biomedclip import BIOMEDCLIP_OPEN_CLIP_CONFIG, BiomedClipEncoder
 from .dinov2 import Dinov2Encoder, Dinov2RegistersEncoder, HFViTEncoder
 from .dinov3 import Dinov3Encoder
@@ -140,4 +140,6 @@ def load_encoder(key: str, *, weights: str | Path | None = None, stand_in: bool 
 __all__ = [
     "Encoder", "EncoderSpec", "Encoding", "REGISTRY", "WeightsUnavailableError", "encoder_spec", "list_encoders",
     "load_encoder", "vit_flops",
+    "BiomedClipEncoder", "Dinov2Encoder", "Dinov2RegistersEncoder", "Dinov3Encoder", "HFViTEncoder", "ResNetEncoder",
+    "SiglipEncoder", "TimmViTEncoder",
 ]
