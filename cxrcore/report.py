@@ -1,0 +1,165 @@
+"""The book's figures and tables: one house style, saved as files and glued under stable keys.
+
+Keys are namespaced ``fig-<analysis>-<what>`` / ``tab-<analysis>-<what>``; every
+figure is written to ``<output_dir>/<key>.png`` and every table to
+``<output_dir>/<key>.csv`` as well as glued, so the book and a reader's own scripts
+see the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless everywhere: CI, papermill, clusters
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from .pooling import POOLING_MODES  # noqa: E402
+
+#: One colour per pooling mode, the same in every figure of the book.
+POOLING_PALETTE: dict[str, str] = {"cls": "#4C72B0", "patch_mean": "#DD8452", "roi_local": "#55A868"}
+_KEY = re.compile(r"^(fig|tab|num)-[a-z0-9]+(-[a-z0-9]+)*$")
+
+STAND_IN_LABEL = "synthetic cohort, random-weight stand-in encoders"
+
+
+def set_style() -> None:
+    """The house style: seaborn ticks, readable sizes, no top/right spines."""
+    sns.set_theme(context="notebook", style="ticks", font_scale=0.95)
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "axes.spines.top": False,
+                         "axes.spines.right": False, "savefig.bbox": "tight"})
+
+
+def check_key(key: str) -> str:
+    if not _KEY.match(key):
+        raise ValueError(f"glue key {key!r} must look like 'fig-<analysis>-<what>', 'tab-...' or 'num-...' (lower case, dashes)")
+    return key
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then rename: never a half-written output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_figure(fig: matplotlib.figure.Figure, key: str, output_dir: str | os.PathLike) -> Path:
+    """Save ``fig`` as ``<output_dir>/<key>.png`` atomically."""
+    path = Path(output_dir) / f"{check_key(key)}.png"
+    _atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    return path
+
+
+def save_table(df: pd.DataFrame, key: str, output_dir: str | os.PathLike) -> Path:
+    """Save ``df`` as ``<output_dir>/<key>.csv`` atomically."""
+    path = Path(output_dir) / f"{check_key(key)}.csv"
+    _atomic_write(path, lambda p: df.to_csv(p, index=False))
+    return path
+
+
+def glue(key: str, value, display: bool = False) -> None:
+    """Glue ``value`` under ``key`` for the book (myst-nb); a no-op outside a notebook kernel."""
+    check_key(key)
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:  # running as a script without the book extras: files are still written
+        return
+    _glue(key, value, display=display)
+
+
+def publish_figure(fig, key: str, output_dir: str | os.PathLike) -> Path:
+    """Save and glue a figure under ``key``."""
+    path = save_figure(fig, key, output_dir)
+    glue(key, fig, display=False)
+    return path
+
+
+def publish_table(df: pd.DataFrame, key: str, output_dir: str | os.PathLike, *, floatfmt: str = "{:.3f}") -> Path:
+    """Save a table as CSV and glue it, rendered as an HTML table, under ``key``."""
+    path = save_table(df, key, output_dir)
+    glue(key, format_table(df, floatfmt=floatfmt), display=False)
+    return path
+
+
+def format_table(df: pd.DataFrame, floatfmt: str = "{:.3f}"):
+    """A pandas Styler with fixed float format and no index, for HTML rendering in the book."""
+    floats = [c for c in df.columns if pd.api.types.is_float_dtype(df[c])]
+    return df.style.format({c: floatfmt for c in floats}, na_rep="–").hide(axis="index")
+
+
+def with_ci(df: pd.DataFrame, est: str = "auc", lo: str = "ci_low", hi: str = "ci_high", fmt: str = "{:.3f}") -> pd.Series:
+    """'0.712 [0.650, 0.771]' strings for a table column."""
+    return df.apply(lambda r: f"{fmt.format(r[est])} [{fmt.format(r[lo])}, {fmt.format(r[hi])}]", axis=1)
+
+
+def auc_by_pooling_figure(table: pd.DataFrame, *, x: str = "encoder", col: str | None = None,
+                          title: str = "", chance: float = 0.5, label: str = STAND_IN_LABEL):
+    """Point-and-interval plot of AUC per pooling mode (colour) along ``x``, faceted by ``col``.
+
+    ``table`` has columns ``pooling``, ``auc``, ``ci_low``, ``ci_high``, ``x`` (and ``col``).
+    ``label`` says how the numbers were produced and is printed on the figure.
+    """
+    set_style()
+    cols = [None] if col is None else list(dict.fromkeys(table[col]))
+    fig, axes = plt.subplots(1, len(cols), figsize=(max(4.5, 2.2 + 1.1 * table[x].nunique()) * len(cols) ** 0.75, 3.6),
+                             sharey=True, squeeze=False)
+    modes = [m for m in POOLING_MODES if m in set(table["pooling"])]
+    for ax, c in zip(axes[0], cols):
+        sub = table if c is None else table[table[col] == c]
+        xs = list(dict.fromkeys(sub[x]))
+        for j, m in enumerate(modes):
+            s = sub[sub["pooling"] == m].set_index(x).reindex(xs)
+            pos = np.arange(len(xs)) + (j - (len(modes) - 1) / 2) * 0.22
+            ax.errorbar(pos, s["auc"], yerr=[s["auc"] - s["ci_low"], s["ci_high"] - s["auc"]], fmt="o",
+                        color=POOLING_PALETTE[m], label=m, capsize=3, ms=6, lw=1.5)
+        ax.axhline(chance, color="0.5", ls="--", lw=1)
+        ax.set_xticks(np.arange(len(xs)), xs, rotation=30 if len(xs) > 3 else 0, ha="right" if len(xs) > 3 else "center")
+        ax.set_ylim(0.3, 1.02)
+        ax.set_xlabel("")
+        if c is not None:
+            ax.set_title(str(c), fontsize=10)
+    axes[0, 0].set_ylabel("AUC (95% bootstrap CI)")
+    axes[0, -1].legend(title="pooling", frameon=False, loc="lower right", fontsize=8)
+    if title or label:
+        fig.suptitle(f"{title}\n({label})" if label else title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, boxes: Sequence | None = None,
+               ncols: int = 4, size: float = 2.4, suptitle: str = ""):
+    """Grey images in a grid, optional titles and boxes ``(x1, y1, x2, y2)`` (or lists of them) drawn in red."""
+    set_style()
+    n = len(images)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if k >= n:
+            continue
+        ax.imshow(images[k], cmap="gray", vmin=0, vmax=1, interpolation="lanczos")
+        if titles is not None:
+            ax.set_title(titles[k], fontsize=8)
+        if boxes is not None and boxes[k] is not None:
+            bl = boxes[k] if len(boxes[k]) and np.ndim(boxes[k][0]) else [boxes[k]]
+            for b in bl:
+                x1, y1, x2, y2 = b
+                ax.add_patch(plt.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ec="red", lw=1.2))
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig

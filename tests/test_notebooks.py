@@ -1,0 +1,51 @@
+"""Notebooks: the parameters cell documents itself, and a wrong parameter stops at once with what is accepted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import papermill as pm
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
+
+
+def _to_ipynb(src: Path, tmp_path: Path) -> Path:
+    out = tmp_path / f"{src.stem}.ipynb"
+    nbformat.write(jupytext.read(src), out)
+    return out
+
+
+@pytest.mark.parametrize("src", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_is_documented(src, tmp_path):
+    nb = jupytext.read(src)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{src.name}: expected exactly one cell tagged 'parameters'"
+    lines = [l for l in tagged[0].source.splitlines() if l.strip() and not l.startswith("#")]
+    for line in lines:
+        assert ":" in line.split("=")[0] and "#" in line, f"{src.name}: parameter line lacks a type or a help comment: {line!r}"
+    proc = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(_to_ipynb(src, tmp_path))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for line in lines:
+        name = line.split(":")[0].strip()
+        assert name in proc.stdout, f"papermill --help-notebook does not list {name}"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"encoders": ["no-such-encoder"]}, "unknown encoder"),
+    ({"cohort": "no-such-cohort"}, "unknown cohort"),
+    ({"cohort": "nih", "data_root": ""}, "needs data_root"),
+])
+def test_bad_parameter_stops_with_a_clear_message(bad, message, tmp_path):
+    src = _to_ipynb(ROOT / "notebooks" / "perturbation_panel.py", tmp_path)
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        pm.execute_notebook(str(src), str(tmp_path / "out.ipynb"), parameters=bad, kernel_name="python3",
+                            cwd=str(ROOT), progress_bar=False)
+    assert message in str(err.value)
+    assert "accepted" in str(err.value) or "data_root" in str(err.value)
