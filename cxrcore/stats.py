@@ -26,8 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.special import ndtr, ndtri
-from scipy.stats import norm
+from scipy.special import log_ndtr, ndtr, ndtri
 
 __all__ = [
     "AUCResult",
@@ -104,27 +103,44 @@ def _check_classes(y: np.ndarray, need: int = 1, what: str = "an AUC") -> tuple[
 
 
 # -- placement values (Sun & Xu 2014) ------------------------------------------------------
+def _below_counts(sorted_ref: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each query: reference values strictly below it, and at or below it.
+
+    One binary search per query; the second ('right') search runs only for queries that
+    actually tie with a reference value, which continuous scores almost never do.
+    """
+    lo = np.searchsorted(sorted_ref, q, "left")
+    tie = sorted_ref[np.minimum(lo, sorted_ref.shape[0] - 1)] == q
+    if not tie.any():
+        return lo, lo
+    hi = lo.copy()
+    hi[tie] = np.searchsorted(sorted_ref, q[tie], "right")
+    return lo, hi
+
+
 def _placements(y: np.ndarray, s: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Return (AUC, V10 for positives in row order, V01 for negatives in row order).
 
     Sun & Xu's midrank identity V10_i = (Tz_i - Tx_i)/n equals "negatives below x_i plus
-    half the ties", which two sorts and binary searches give exactly in O(N log N) with
-    integer counts, so no float rank sums can drift from pROC's values.
+    half the ties"; with both classes sorted, one binary search per positive gives it
+    exactly as an integer count, so no float rank sums can drift from pROC's values.
     """
     pos, neg = s[y], s[~y]
     m, n = pos.shape[0], neg.shape[0]
-    pos_sorted, neg_sorted = np.sort(pos), np.sort(neg)
-    # Sorted queries make searchsorted cache-friendly; scatter results back to row order.
-    pos_order = np.argsort(pos, kind="stable")
-    neg_order = np.argsort(neg, kind="stable")
+    # Sorted queries keep binary searches branch-predictable (about 5x faster than
+    # searching in row order); results go back to row order, which the paired
+    # covariance needs.
+    pos_order, neg_order = np.argsort(pos), np.argsort(neg)
+    pos_sorted, neg_sorted = pos[pos_order], neg[neg_order]
+    lo, hi = _below_counts(neg_sorted, pos_sorted)
     twice_below = np.empty(m, dtype=np.int64)
-    twice_below[pos_order] = np.searchsorted(neg_sorted, pos_sorted, "left") + np.searchsorted(
-        neg_sorted, pos_sorted, "right"
-    )
+    twice_below[pos_order] = lo + hi
+    # The negatives' side needs no second search: sorted negative j lies above positive i
+    # iff j >= hi_i, and at or above it iff j >= lo_i, so counts are cumulative histograms.
+    pos_below = np.cumsum(np.bincount(hi, minlength=n + 1)[:n])
+    pos_at_or_below = pos_below if lo is hi else np.cumsum(np.bincount(lo, minlength=n + 1)[:n])
     twice_above = np.empty(n, dtype=np.int64)
-    twice_above[neg_order] = 2 * m - (
-        np.searchsorted(pos_sorted, neg_sorted, "left") + np.searchsorted(pos_sorted, neg_sorted, "right")
-    )
+    twice_above[neg_order] = 2 * m - (pos_below + pos_at_or_below)
     # Integer numerator: the AUC is the correctly rounded value of an exact rational.
     auc_value = float(twice_below.sum()) / (2.0 * m * n)
     return auc_value, twice_below / (2.0 * n), twice_above / (2.0 * m)
@@ -135,11 +151,9 @@ def auc(y_true, score) -> float:
     y = _as_labels(y_true)
     s = _as_score(score, y.shape[0])
     m, n = _check_classes(y)
-    pos_sorted = np.sort(s[y])
-    neg = s[~y]
-    twice_below_pos = np.searchsorted(pos_sorted, neg, "left") + np.searchsorted(pos_sorted, neg, "right")
-    # sum over negatives of (positives above + half ties), as an exact integer count
-    numer = 2 * m * n - int(twice_below_pos.sum())
+    # sum over positives of 2 x (negatives below + half ties), an exact integer count
+    lo, hi = _below_counts(np.sort(s[~y]), np.sort(s[y]))
+    numer = int(lo.sum()) + int(hi.sum())
     return numer / (2.0 * m * n)
 
 
@@ -184,9 +198,23 @@ class PairedDeLongResult:
         return math.sqrt(max(self.cov[0, 0] + self.cov[1, 1] - 2.0 * self.cov[0, 1], 0.0))
 
 
+def _scatter1(v: np.ndarray) -> float:
+    """Sum of squared deviations from the mean."""
+    d = v - v.mean()
+    return float(np.dot(d, d))
+
+
+def _scatter2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """2x2 matrix of sums of cross-products of deviations (np.cov without its overhead)."""
+    da, db = a - a.mean(), b - b.mean()
+    ab = float(np.dot(da, db))
+    return np.array([[float(np.dot(da, da)), ab], [ab, float(np.dot(db, db))]])
+
+
 def _variance(v10: np.ndarray, v01: np.ndarray) -> float:
     # (m-1, n-1) denominators, as in DeLong 1988 eq. 4 and R pROC.
-    return float(np.var(v10, ddof=1) / v10.shape[0] + np.var(v01, ddof=1) / v01.shape[0])
+    m, n = v10.shape[0], v01.shape[0]
+    return _scatter1(v10) / (m * (m - 1.0)) + _scatter1(v01) / (n * (n - 1.0))
 
 
 def delong(y_true, score, method: str = "wald", level: float = 0.95) -> AUCResult:
@@ -220,7 +248,8 @@ def delong(y_true, score, method: str = "wald", level: float = 0.95) -> AUCResul
 
 def _two_sided_log_p(z: float) -> float:
     """Natural log of the two-sided normal p-value, exact far into the tail."""
-    return math.log(2.0) + float(norm.logsf(abs(z)))
+    # log_ndtr(-|z|) is norm.logsf(|z|) without scipy.stats' per-call overhead.
+    return math.log(2.0) + float(log_ndtr(-abs(z)))
 
 
 def delong_paired(y_true, score_a, score_b) -> PairedDeLongResult:
@@ -237,10 +266,10 @@ def delong_paired(y_true, score_a, score_b) -> PairedDeLongResult:
     m, n = _check_classes(y, need=2, what="a DeLong covariance")
     auc_a, v10a, v01a = _placements(y, sa)
     auc_b, v10b, v01b = _placements(y, sb)
-    cov = np.cov(np.vstack([v10a, v10b])) / m + np.cov(np.vstack([v01a, v01b])) / n
+    cov = _scatter2(v10a, v10b) / (m * (m - 1.0)) + _scatter2(v01a, v01b) / (n * (n - 1.0))
     # Variance of the difference from the differenced placements, not from the 2x2
     # matrix: identical predictors then give exactly 0 rather than rounding noise.
-    var_d = float(np.var(v10a - v10b, ddof=1) / m + np.var(v01a - v01b, ddof=1) / n)
+    var_d = _scatter1(v10a - v10b) / (m * (m - 1.0)) + _scatter1(v01a - v01b) / (n * (n - 1.0))
     delta = auc_a - auc_b
     if var_d <= 0.0:
         if delta == 0.0:
