@@ -163,3 +163,49 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def patch_grid_figure(image: np.ndarray, geometry, box, *, title: str = ""):
+    """The three pooling modes drawn on one model input: the token grid, the box and the cells it touches.
+
+    ``image`` is the original 2-D image in [0, 1]; ``geometry`` the encoder's
+    :class:`~cxrcore.geometry.Geometry` for it; ``box`` in original pixels.
+    """
+    import torch
+
+    set_style()
+    x = geometry.apply(torch.from_numpy(np.asarray(image, np.float32))[None], "bilinear")[0].numpy()
+    gh, gw = geometry.grid
+    s = geometry.stride
+    r0, r1, c0, c1 = geometry.cells(box)
+    bx1, by1, bx2, by2 = geometry.to_input([box])[0]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.9))
+    panels = [("cls", "one global embedding\n(CLS token / pooler / GAP)"),
+              ("patch_mean", f"mean of all {gh * gw} patch tokens"),
+              ("roi_local", f"mean of the {(r1 - r0) * (c1 - c0)} tokens under the box")]
+    for ax, (mode, text) in zip(axes, panels):
+        ax.imshow(x, cmap="gray", vmin=0, vmax=1)
+        for k in range(gw + 1):
+            ax.axvline(k * s - 0.5, color="w", lw=0.3, alpha=0.5)
+        for k in range(gh + 1):
+            ax.axhline(k * s - 0.5, color="w", lw=0.3, alpha=0.5)
+        colour = POOLING_PALETTE[mode]
+        if mode == "patch_mean":
+            ax.add_patch(plt.Rectangle((-0.5, -0.5), gw * s, gh * s, color=colour, alpha=0.25))
+        elif mode == "roi_local":
+            ax.add_patch(plt.Rectangle((c0 * s - 0.5, r0 * s - 0.5), (c1 - c0) * s, (r1 - r0) * s, color=colour, alpha=0.45))
+            ax.add_patch(plt.Rectangle((bx1 - 0.5, by1 - 0.5), bx2 - bx1, by2 - by1, fill=False, ec="red", lw=1.2))
+        else:
+            for side in ax.spines.values():  # the whole input -> one vector: frame it
+                side.set_visible(True)
+                side.set_color(colour)
+                side.set_linewidth(4)
+        ax.set_title(f"{mode}: {text}", fontsize=9, color=colour)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if mode != "cls":
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

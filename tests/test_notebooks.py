@@ -49,3 +49,19 @@ def test_bad_parameter_stops_with_a_clear_message(bad, message, tmp_path):
                             cwd=str(ROOT), progress_bar=False)
     assert message in str(err.value)
     assert "accepted" in str(err.value) or "data_root" in str(err.value)
+
+
+def test_exercise_version_drops_every_solution(tmp_path):
+    sys.path.insert(0, str(ROOT / "book"))
+    from exercises import PLACEHOLDER, strip_solutions
+
+    nb = jupytext.read(ROOT / "notebooks" / "teaching.py")
+    n_solutions = sum("solution" in c.metadata.get("tags", []) for c in nb.cells)
+    assert n_solutions >= 3, "the teaching notebook should carry at least three exercises"
+    ex, n = strip_solutions(nb)
+    assert n == n_solutions
+    assert not any("solution" in c.metadata.get("tags", []) for c in ex.cells)
+    assert sum(c.source == PLACEHOLDER for c in ex.cells) == n_solutions
+    # the original is untouched and the rest of the notebook is kept
+    assert sum("solution" in c.metadata.get("tags", []) for c in nb.cells) == n_solutions
+    assert len(ex.cells) == len(nb.cells)
