@@ -76,7 +76,7 @@ def _lung_field(X: np.ndarray, Y: np.ndarray, side: int, p: dict) -> np.ndarray:
     # domed hemidiaphragm: highest at mid-lung, lower at the costophrenic angle laterally
     u = (X - cx) / (half_w + 1e-6)
     dome = base - p["dome"] * (1.0 - np.clip(u, -1.2, 1.2) ** 2) - (0.02 if side < 0 else 0.0)
-    below_apex = Y - top - 0.10 * np.abs(u + side * 0.3) ** 2
+    below_apex = Y - top - 0.22 * (u + side * 0.15) ** 2
     above_dome = dome - Y
     return np.minimum.reduce([lateral, medial, below_apex, above_dome])
 
@@ -100,7 +100,7 @@ def make_phantom(seed: int, size: int = 768, *, ctr: float | None = None, effusi
 
     p = dict(
         lung_cx=rng.uniform(0.40, 0.46), lung_half_w=rng.uniform(0.33, 0.38), lung_top=rng.uniform(0.10, 0.15),
-        lung_base=rng.uniform(0.72, 0.80), dome=rng.uniform(0.05, 0.09), med_half_w=rng.uniform(0.07, 0.10),
+        lung_base=rng.uniform(0.72, 0.80), dome=rng.uniform(0.05, 0.09), med_half_w=rng.uniform(0.09, 0.12),
         ctr=float(ctr) if ctr is not None else rng.uniform(0.38, 0.48), body_half_w=rng.uniform(0.86, 0.95),
         beta=rng.uniform(2.8, 3.2), exposure=rng.uniform(0.9, 1.1), gamma=rng.uniform(0.85, 1.15),
         effusion=effusion,
@@ -123,11 +123,11 @@ def make_phantom(seed: int, size: int = 768, *, ctr: float | None = None, effusi
     # heart: an ellipse sitting on the left hemidiaphragm, extending to the patient's left
     hx, hy = 0.25 * heart_w * 0.9, p["lung_base"] - 0.13
     heart_d = 1 - (((X - hx * 0.55) / (heart_w * 0.55)) ** 2 + ((Y - hy) / 0.15) ** 2)
-    heart = _smoothstep(heart_d, 0.04)
+    heart = _smoothstep(heart_d, 0.04) * _smoothstep(p["lung_base"] - 0.01 - Y, 0.02)  # sits on the diaphragm
     mediast = _smoothstep(p["med_half_w"] * (1 + 0.6 * Y) - np.abs(X), 0.01) * _smoothstep(p["lung_base"] + 0.02 - Y, 0.02)
     spine = _smoothstep(0.055 - np.abs(X), 0.006)
     vert = 0.5 + 0.5 * np.cos(2 * np.pi * Y / rng.uniform(0.045, 0.055))  # vertebral bodies and discs
-    trachea = _smoothstep(0.022 - np.abs(X + 0.01 * np.sin(6 * Y)), 0.004) * _smoothstep(0.38 - Y, 0.02) * _smoothstep(Y - 0.02, 0.02)
+    trachea = _smoothstep(0.028 - np.abs(X + 0.01 * np.sin(6 * Y)), 0.004) * _smoothstep(0.38 - Y, 0.02) * _smoothstep(Y - 0.02, 0.02)
 
     # posterior ribs: arcs from the spine running laterally and downward
     ribs = np.zeros_like(X)
@@ -136,14 +136,26 @@ def make_phantom(seed: int, size: int = 768, *, ctr: float | None = None, effusi
         for k in range(n_ribs):
             y0 = p["lung_top"] - 0.04 + k * (p["lung_base"] - p["lung_top"]) / (n_ribs - 0.5) + rng.normal(0, 0.004)
             xs = side * X
-            arc = y0 - 0.02 + 0.16 * np.clip(xs, 0, None) ** 1.6 + 0.35 * np.clip(xs - 0.55, 0, None) ** 2
+            xl = np.clip(xs / (p["lung_cx"] + p["lung_half_w"]), 0, None)
+            arc = y0 - 0.035 * xl + 0.13 * xl ** 2.5 + 0.25 * np.clip(xl - 0.8, 0, None) ** 2
             thick = 0.013 + 0.003 * k / n_ribs
             d = np.abs(Y - arc)
             band = _smoothstep(thick - d, 0.003) * _smoothstep(xs - 0.06, 0.01) * _smoothstep(p["lung_cx"] + p["lung_half_w"] + 0.04 - xs, 0.02)
             cortex = _smoothstep(thick - d, 0.002) - _smoothstep(thick * 0.55 - d, 0.002)  # brighter edges
             ribs += band * (0.6 + 0.8 * cortex)
-    clav_y = p["lung_top"] + 0.02 + 0.12 * (np.abs(X) - 0.1) ** 2
-    clavicles = _smoothstep(0.016 - np.abs(Y - clav_y), 0.004) * (np.abs(X) > 0.08) * (np.abs(X) < 0.62)
+    for side in (-1, 1):
+        for k in range(6):
+            y0 = p["lung_top"] + 0.10 + k * 0.085 + rng.normal(0, 0.004)
+            xl = np.clip(side * X / (p["lung_cx"] + p["lung_half_w"]), 0, 1.1)
+            arc = y0 + 0.12 * np.clip(1 - xl, 0, None) ** 1.5 - 0.12
+            d = np.abs(Y - arc)
+            ribs += 0.45 * _smoothstep(0.009 - d, 0.003) * _smoothstep(xl - 0.35, 0.05) * _smoothstep(1.0 - xl, 0.03)
+    # clavicles rise laterally from the sternal ends
+    clav_y = p["lung_top"] + 0.05 - 0.10 * np.clip(np.abs(X) - 0.1, 0, None) + 0.05 * np.clip(np.abs(X) - 0.1, 0, None) ** 2
+    clavicles = _smoothstep(0.018 - np.abs(Y - clav_y), 0.004) * _smoothstep(np.abs(X) - 0.08, 0.01) * _smoothstep(0.70 - np.abs(X), 0.02)
+    # hila and the vessels fanning out of them: denser near the hilum, fading to the periphery
+    hilum_d = np.minimum(np.hypot(X + p["med_half_w"] + 0.06, (Y - 0.45) * 1.3), np.hypot(X - p["med_half_w"] - 0.07, (Y - 0.43) * 1.3))
+    hila = np.exp(-hilum_d / 0.10)
 
     texture = power_law_noise((n, n), p["beta"], rng)
     fine = power_law_noise((n, n), 2.0, rng)
@@ -152,10 +164,10 @@ def make_phantom(seed: int, size: int = 768, *, ctr: float | None = None, effusi
         1.00 * soft
         - 0.55 * lung * body
         + 0.07 * lung * (texture + 0.3 * fine)  # vascular / interstitial markings
-        + 0.22 * heart * body
-        + 0.28 * mediast
-        + 0.18 * spine * (0.8 + 0.2 * vert) * body
-        - 0.25 * trachea
+        + 0.30 * np.maximum(heart, mediast) * body
+        + 0.10 * hila * lung * (1 + 0.8 * np.clip(texture, 0, None))
+        + 0.12 * spine * (0.8 + 0.2 * vert) * body
+        - 0.30 * trachea
         + 0.16 * ribs * body * (0.5 + 0.5 * lung)
         + 0.30 * clavicles * body
         + 0.35 * abdomen
