@@ -24,8 +24,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "book" / "_generated"
-BANNER = ("The numbers on these pages come from a synthetic phantom cohort and random-weight stand-in "
-          "encoders, computed by the build that rendered them; they are not the paper's results.")
+BANNER = ("Numbers on these pages come from a synthetic phantom cohort and/or random-weight stand-in "
+          "encoders, computed by the build that rendered them; they are not the paper's results. "
+          "Each figure and table says how it was produced.")
 
 
 def load_plan(path: Path = ROOT / "book" / "notebooks.yml") -> list[dict]:
@@ -73,8 +74,16 @@ def write_timings(rows: list[dict]) -> None:
     (GENERATED / "timings.json").write_text(json.dumps(rows, indent=2))
 
 
+def used_stand_ins() -> bool:
+    """True when any executed notebook recorded a synthetic cohort or stand-in encoders."""
+    records = [json.loads(p.read_text()) for p in (GENERATED / "figures").glob("*/provenance.json")]
+    if not records:
+        raise SystemExit("no notebook recorded its provenance (cxrcore.report.record_run); cannot label the book")
+    return any(r["synthetic"] or r["stand_in"] for r in records)
+
+
 def write_config(stand_in: bool) -> Path:
-    """The book's config for this build: `_config.yml` plus the provenance banner when the defaults ran."""
+    """The book's config for this build: `_config.yml` plus the provenance banner when stand-ins or synthetic data ran."""
     cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
     if stand_in:
         cfg.setdefault("html", {})["announcement"] = BANNER
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [nb["name"] for nb in plan if not (GENERATED / f"{nb['name']}.ipynb").is_file()]
         if missing:
             raise SystemExit(f"not executed yet: {missing}; run without --no-execute first")
-        index = build_html(write_config(stand_in=True))
+        index = build_html(write_config(stand_in=used_stand_ins()))
         print(f"\nThe book is at {index}")
     return 0
 

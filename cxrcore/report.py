@@ -29,6 +29,28 @@ POOLING_PALETTE: dict[str, str] = {"cls": "#4C72B0", "patch_mean": "#DD8452", "r
 _KEY = re.compile(r"^(fig|tab|num)-[a-z0-9]+(-[a-z0-9]+)*$")
 
 STAND_IN_LABEL = "synthetic cohort, random-weight stand-in encoders"
+PROVENANCE_FILE = "provenance.json"
+
+
+def provenance_label(cohort_name: str, synthetic: bool, stand_in: bool) -> str:
+    """How a result was produced, in the words every figure and table carries."""
+    if synthetic and stand_in:
+        return STAND_IN_LABEL
+    who = "synthetic cohort" if synthetic else f"{cohort_name} cohort"
+    return f"{who}, " + ("random-weight stand-in encoders" if stand_in else "published encoder weights")
+
+
+def record_run(output_dir: str | os.PathLike, *, cohort, stand_in: bool, encoders: Sequence[str],
+               parameters: dict | None = None) -> str:
+    """Write ``<output_dir>/provenance.json`` (read by the book build for its banner); return the label."""
+    import json
+
+    label = provenance_label(cohort.name, bool(cohort.synthetic), bool(stand_in))
+    record = {"cohort": cohort.name, "synthetic": bool(cohort.synthetic), "stand_in": bool(stand_in),
+              "encoders": list(encoders), "label": label, "parameters": parameters or {}}
+    _atomic_write(Path(output_dir) / PROVENANCE_FILE,
+                  lambda p: Path(p).write_text(json.dumps(record, indent=2, default=str)))
+    return label
 
 
 def set_style() -> None:

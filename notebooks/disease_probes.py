@@ -62,8 +62,7 @@ task_labels = labels or data.label_columns
 bad = [t for t in task_labels if t not in data.label_columns]
 if bad:
     raise ValueError(f"unknown label(s) {bad} for cohort {cohort!r}; accepted: {data.label_columns}")
-provenance = report.STAND_IN_LABEL if (stand_in and data.synthetic) else (
-    f"{data.name} cohort, " + ("random-weight stand-in encoders" if stand_in else "published weights"))
+provenance = report.record_run(output_dir, cohort=data, stand_in=stand_in, encoders=encoders)
 print(data)
 print("labels:", task_labels, "| produced with:", provenance)
 
@@ -130,6 +129,16 @@ shown
 # %%
 report.publish_table(tests, "tab-disease-delong", output_dir)
 tests
+
+# %% [markdown]
+# ## Exclusions
+# Every image or box the cohort reader left out, with its reason (an empty table means none).
+
+# %%
+exclusions = data.exclusions
+report.publish_table(exclusions, "tab-disease-exclusions", output_dir)
+print(f"{len(data)} images in the cohort after exclusions; {int(exclusions['count'].sum()) if len(exclusions) else 0} items excluded")
+exclusions
 
 # %% [markdown]
 # ## What we did

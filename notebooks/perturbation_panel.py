@@ -59,8 +59,7 @@ if cohort not in list_cohorts():
 cohort_kwargs = {"n_images": n_images, "seed": seed} if cohort == "synthetic" else {}
 data = get_cohort(cohort, data_root or None, **cohort_kwargs)
 cell = PerturbationCell("iso_blur", footprint_px, blur_sigma_px)
-provenance = report.STAND_IN_LABEL if (stand_in and data.synthetic) else (
-    f"{data.name} cohort, " + ("random-weight stand-in encoders" if stand_in else "published weights"))
+provenance = report.record_run(output_dir, cohort=data, stand_in=stand_in, encoders=encoders)
 print(data)
 print("cell:", cell.name, "| produced with:", provenance)
 
@@ -116,6 +115,16 @@ report.publish_figure(fig, "fig-perturbation-auc", output_dir)
 shown = table.assign(**{"AUC [95% CI]": report.with_ci(table)})[["encoder", "cell", "pooling", "AUC [95% CI]", "n_pairs", "produced_with"]]
 report.publish_table(shown, "tab-perturbation-auc", output_dir)
 shown
+
+# %% [markdown]
+# ## Exclusions
+# Every image or box the cohort reader left out, with its reason (an empty table means none).
+
+# %%
+exclusions = data.exclusions
+report.publish_table(exclusions, "tab-perturbation-exclusions", output_dir)
+print(f"{len(data)} images in the cohort after exclusions; {int(exclusions['count'].sum()) if len(exclusions) else 0} items excluded")
+exclusions
 
 # %% [markdown]
 # ## What we did

@@ -63,6 +63,7 @@ if n_images < 10:
 
 # %%
 cohort = SyntheticCohort(n_images=n_images, seed=seed, size=(512, 768))
+provenance = report.record_run(output_dir, cohort=cohort, stand_in=True, encoders=[encoder_key])
 md = cohort.metadata
 show = list(range(min(8, n_images)))
 titles = [f"{md.image_id[i]}\n" + (", ".join(f for f in cohort.label_columns if md.loc[i, f] == 1) or "no finding")
