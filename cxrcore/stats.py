@@ -118,14 +118,15 @@ def _below_counts(sorted_ref: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np
     return lo, hi
 
 
-def _placements(y: np.ndarray, s: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+def _placements(y: np.ndarray, s: np.ndarray, split=None) -> tuple[float, np.ndarray, np.ndarray]:
     """Return (AUC, V10 for positives in row order, V01 for negatives in row order).
 
     Sun & Xu's midrank identity V10_i = (Tz_i - Tx_i)/n equals "negatives below x_i plus
     half the ties"; with both classes sorted, one binary search per positive gives it
     exactly as an integer count, so no float rank sums can drift from pROC's values.
     """
-    pos, neg = s[y], s[~y]
+    # split: (positive rows, negative rows), to share the masking between scores
+    pos, neg = (s[y], s[~y]) if split is None else (s.take(split[0]), s.take(split[1]))
     m, n = pos.shape[0], neg.shape[0]
     # Sorted queries keep binary searches branch-predictable (about 5x faster than
     # searching in row order); results go back to row order, which the paired
@@ -264,8 +265,9 @@ def delong_paired(y_true, score_a, score_b) -> PairedDeLongResult:
     sa = _as_score(score_a, y.shape[0], "score_a")
     sb = _as_score(score_b, y.shape[0], "score_b")
     m, n = _check_classes(y, need=2, what="a DeLong covariance")
-    auc_a, v10a, v01a = _placements(y, sa)
-    auc_b, v10b, v01b = _placements(y, sb)
+    split = (np.flatnonzero(y), np.flatnonzero(~y))
+    auc_a, v10a, v01a = _placements(y, sa, split)
+    auc_b, v10b, v01b = _placements(y, sb, split)
     cov = _scatter2(v10a, v10b) / (m * (m - 1.0)) + _scatter2(v01a, v01b) / (n * (n - 1.0))
     # Variance of the difference from the differenced placements, not from the 2x2
     # matrix: identical predictors then give exactly 0 rather than rounding noise.
@@ -756,7 +758,8 @@ def _iter_strata(df: pd.DataFrame, by: list[str]) -> Iterable[tuple[dict, pd.Dat
 def _stratum_seed(seed: int, key: dict, score: str) -> np.random.SeedSequence:
     # Seed from the stratum's own name, so adding or dropping other strata never changes
     # this stratum's interval.
-    tag = zlib.crc32(repr((sorted(key.items(), key=lambda kv: kv[0]), score)).encode())
+    # str() not repr(): numpy scalars' repr changed between NumPy 1 and 2.
+    tag = zlib.crc32("|".join(f"{k}={v}" for k, v in sorted(key.items())).encode() + b"|" + str(score).encode())
     return np.random.SeedSequence([int(seed), tag])
 
 
