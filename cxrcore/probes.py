@@ -109,9 +109,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     with ``random_state``) to keep 100k-row fits affordable; the final fit uses all rows.
     class_weight: passed to LogisticRegression ("balanced" for rare labels if wanted).
     blas_threads: BLAS threads while fitting and scoring. 1 by default: lbfgs on these
-    shapes is memory-bound, and on a shared 2-core machine one thread was 2-70x faster
-    than two (n=2,000 to 80,000 rows, d=768; see benchmarks/bench_stats.py). None keeps
-    the library default.
+    shapes is memory-bound, and on a shared 2-core machine one OpenBLAS thread was 2x
+    (80,000 x 768) to 70x (2,000 x 256) faster than two. None keeps the library default.
     """
 
     def __init__(
