@@ -12,7 +12,9 @@ Achieved GFLOP/s = the model's forward FLOPs per image (FlopCounterMode, as in
 ``EncoderSpec.gflops``) x forward-only images/s.
 
     python benchmarks/bench_encoders.py            # a few minutes on 2 CPU cores
-    python benchmarks/bench_encoders.py --quick    # well under a minute
+    python benchmarks/bench_encoders.py --quick    # about 1.5 minutes
+
+On a shared machine single runs of the full-size model vary by 2x; rates are best-of-N, interleaved.
 """
 
 from __future__ import annotations
@@ -122,14 +124,14 @@ def bench(label: str, enc: Encoder, n_images: int, repeats: int, gflops_spec: fl
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer images and repeats (< 1 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="fewer images and repeats (about 1.5 min on 2 cores)")
     ap.add_argument("--stand-in", default="rad-dino", help="registry key of the stand-in to time")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     n_small, n_full, reps = (8, 1, 5) if args.quick else (16, 2, 9)
-    reps_full = 1 if args.quick else 2
+    reps_full = 2 if args.quick else 3
     # rates are best-of-N, interleaved: on a shared machine, load only ever slows a run down
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'quick' if args.quick else 'full'} run")
