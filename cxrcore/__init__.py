@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .encoders import encoder_spec, list_encoders, load_encoder  # noqa: E402
+from .encoders import WeightsUnavailableError, encoder_spec, list_encoders, load_encoder  # noqa: E402
 
-__all__ = ["__version__", "encoder_spec", "list_encoders", "load_encoder"]
+__all__ = ["WeightsUnavailableError", "__version__", "encoder_spec", "list_encoders", "load_encoder"]

@@ -35,7 +35,7 @@ data_root: str = ""  # folder of the cohort as the provider ships it (unused for
 encoders: list = ["rad-dino", "dinov2-b14", "dinov3-vit7b16", "biomedclip", "medsiglip-448", "dino-resnet50"]  # encoder keys
 stand_in: bool = True  # True: random-weight stand-ins of each encoder family (no download)
 weights: dict = {}  # optional encoder key -> hub id or local directory of weights
-labels: list = []  # label columns to probe; empty = all of the cohort's labels
+labels: list = []  # label columns to probe (an empty list means every label of the cohort)
 n_images: int = 120  # images to use (the first n of the cohort's metadata order)
 seed: int = 0  # seed for the cohort, folds and bootstrap
 n_splits: int = 5  # outer cross-validation folds (grouped by patient)
