@@ -124,8 +124,13 @@ def format_table(df: pd.DataFrame, floatfmt: str = "{:.3f}"):
 
 
 def with_ci(df: pd.DataFrame, est: str = "auc", lo: str = "ci_low", hi: str = "ci_high", fmt: str = "{:.3f}") -> pd.Series:
-    """'0.712 [0.650, 0.771]' strings for a table column."""
-    return df.apply(lambda r: f"{fmt.format(r[est])} [{fmt.format(r[lo])}, {fmt.format(r[hi])}]", axis=1)
+    """'0.712 [0.650, 0.771]' strings for a table column ('0.712' where the row has no CI)."""
+    def one(r) -> str:
+        if pd.isna(r[lo]) or pd.isna(r[hi]):
+            return fmt.format(r[est])
+        return f"{fmt.format(r[est])} [{fmt.format(r[lo])}, {fmt.format(r[hi])}]"
+
+    return df.apply(one, axis=1).astype(str) if len(df) else pd.Series([], dtype=str)
 
 
 def auc_by_pooling_figure(table: pd.DataFrame, *, x: str = "encoder", col: str | None = None,
@@ -231,3 +236,25 @@ def patch_grid_figure(image: np.ndarray, geometry, box, *, title: str = ""):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+SUMMARY_FILE = "summary.csv"
+SUMMARY_COLUMNS = ("analysis", "encoder", "pooling", "auc", "ci_low", "ci_high", "what", "produced_with")
+
+
+def write_summary(rows: pd.DataFrame, output_dir: str | os.PathLike) -> Path:
+    """Write an analysis's headline AUCs (``SUMMARY_COLUMNS``) for the summary chapter to collect."""
+    missing = [c for c in SUMMARY_COLUMNS if c not in rows.columns]
+    if missing:
+        raise ValueError(f"summary rows lack column(s) {missing}; expected {list(SUMMARY_COLUMNS)}")
+    path = Path(output_dir) / SUMMARY_FILE
+    _atomic_write(path, lambda p: rows[list(SUMMARY_COLUMNS)].to_csv(p, index=False))
+    return path
+
+
+def collect_summaries(figures_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every analysis's ``summary.csv`` under ``figures_dir``, concatenated."""
+    paths = sorted(Path(figures_dir).glob(f"*/{SUMMARY_FILE}"))
+    if not paths:
+        raise FileNotFoundError(f"no {SUMMARY_FILE} under {figures_dir}: run the analysis notebooks first")
+    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)

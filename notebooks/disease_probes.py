@@ -119,6 +119,7 @@ report.publish_figure(fig, "fig-disease-auc", output_dir)
 shown = table.assign(**{"AUC [95% CI]": report.with_ci(table)})[["encoder", "label", "pooling", "AUC [95% CI]", "n_pos", "n_neg", "produced_with"]]
 report.publish_table(shown, "tab-disease-auc", output_dir)
 report.save_table(table, "tab-disease-auc-raw", output_dir)
+report.write_summary(table.assign(analysis="disease: " + table["label"], what="label present vs absent"), output_dir)
 shown
 
 # %% [markdown]

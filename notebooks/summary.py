@@ -1,0 +1,95 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Summary: AUC by pooling mode, per encoder, per analysis
+#
+# ## Overview
+# One figure and one table per analysis, collected from the chapters of this build, with
+# the paper's numbers beside them where its abstract gives them. Our numbers are labelled
+# with how they were produced; the paper's are labelled **reported** and were not
+# computed here.
+#
+# ## Prerequisites
+# The analysis chapters; this page only collects what they wrote (`summary.csv` in each
+# chapter's output folder).
+
+# %% tags=["parameters"]
+figures_dir: str = "book/_generated/figures"  # where the analysis notebooks wrote their outputs
+output_dir: str = "book/_generated/figures/summary"  # where this page's figure and tables are written
+
+# %%
+import pandas as pd
+
+from cxrcore import report
+
+ours = report.collect_summaries(figures_dir)
+analyses = list(dict.fromkeys(ours["analysis"]))
+print(f"{len(ours)} headline AUCs from {len(analyses)} analyses:", analyses)
+print("produced with:", sorted(set(ours["produced_with"])))
+
+# %% [markdown]
+# ## The headline figure
+
+# %%
+label = "; ".join(sorted(set(ours["produced_with"])))
+fig = report.auc_by_pooling_figure(ours, x="encoder", col="analysis", title="AUC by pooling mode", label=label)
+report.publish_figure(fig, "fig-summary-headline", output_dir)
+
+# %% [markdown]
+# ## One table per analysis
+# AUC with its 95% bootstrap CI for each encoder (rows) and pooling mode (columns).
+
+# %%
+tables = {}
+for a in analyses:
+    sub = ours[ours["analysis"] == a].copy()
+    sub["AUC [95% CI]"] = report.with_ci(sub)
+    wide = sub.pivot_table(index="encoder", columns="pooling", values="AUC [95% CI]", aggfunc="first").reset_index()
+    wide.columns.name = None
+    wide.insert(1, "what", sub["what"].iloc[0])
+    wide["produced with"] = sub["produced_with"].iloc[0]
+    tables[a] = wide
+    key = "tab-summary-" + "".join(ch if ch.isalnum() else "-" for ch in a.lower()).strip("-").replace("--", "-")
+    report.publish_table(wide, key, output_dir)
+    print(a)
+    display(wide)
+
+# %% [markdown]
+# ## The paper's numbers, beside ours
+# The abstract's figures, as reported (not recomputed here), next to the corresponding
+# quantity from this build. With stand-in encoders and a synthetic cohort the two are
+# not expected to agree; the comparison shows which quantity each chapter estimates.
+
+# %%
+def our_range(df: pd.DataFrame, analysis_prefix: str, pooling: str) -> str:
+    sub = df[df["analysis"].str.startswith(analysis_prefix) & (df["pooling"] == pooling)]
+    if sub.empty:
+        return "not run"
+    return f"{sub['auc'].min():.3f}-{sub['auc'].max():.3f}"
+
+
+REPORTED = [  # (quantity, reported value, analysis prefix, pooling) from the paper's abstract
+    ("perturbation panel: cls AUC", "0.500-0.524", "perturbation", "cls"),
+    ("perturbation panel: roi_local AUC", "~1.0", "perturbation", "roi_local"),
+    ("disease probes (globally decided): AUC", "0.642-0.913", "disease", "cls"),
+    ("ChestX-Det10 box-level roi_local AUC", ">= 0.899 in every (model x class) cell", "ChestX-Det10", "roi_local"),
+]
+comparison = pd.DataFrame([{"quantity": q, "reported (paper)": r, "ours (this build)": our_range(ours, a, m),
+                            "ours produced with": label} for q, r, a, m in REPORTED])
+report.publish_table(comparison, "tab-summary-reported", output_dir)
+comparison
+
+# %% [markdown]
+# ## What we did
+# - Collected every chapter's headline AUCs into one figure and one table per analysis.
+# - Set the paper's reported values beside ours, each labelled with where it came from.
