@@ -1,0 +1,102 @@
+"""The ``cxrcore extract`` command: killed with SIGKILL mid-run and restarted, every image ends up exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrcore.cli import main
+from cxrcore.store import list_parts, missing_chunks, read_store
+
+N = 24
+ARGS = ["extract", "--encoder", "dinov3-vit7b16", "--stand-in", "--cohort", "synthetic", "--n-images", str(N),
+        "--cohort-option", "size=96", "--panel", "smoke", "--chunk-size", "2", "--batch-size", "4",
+        "--num-workers", "1", "--no-progress"]
+
+
+def _run(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cxrcore.cli", *ARGS, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+
+
+def _kill_after_parts(proc: subprocess.Popen, out: Path, n_parts: int, timeout: float = 120) -> int:
+    """SIGKILL the whole job (main process and its DataLoader workers) once ``n_parts`` chunks are on disk."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            pytest.fail(f"extraction ended (rc {proc.returncode}) before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        if out.exists() and len(list_parts(out)) >= n_parts:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return len(list_parts(out))
+
+
+def test_sigkill_and_resume_every_image_exactly_once(tmp_path):
+    out = tmp_path / "store"
+    done_at_kill = []
+    for n_parts in (1, 5):  # killed twice, at different points
+        done_at_kill.append(_kill_after_parts(_run(out), out, n_parts))
+        assert missing_chunks(out), "the run finished before the kill; make it longer"
+    assert done_at_kill[0] < N // 2 and done_at_kill[1] >= done_at_kill[0]
+    proc = _run(out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    assert not missing_chunks(out)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    emb = read_store(out)  # raises on any duplicated (image, pass, box)
+    m = emb.meta
+    cells = sorted(set(m["cell"]))
+    assert len(cells) == 3
+    counts = m.groupby(["image_index", "cell", "arm"]).size()
+    assert len(counts) == N * 3 * 2 and (counts == 1).all()  # every image, every cell, both arms, exactly once
+    assert sorted(m["image_index"].unique()) == list(range(N))
+
+
+def test_provenance_mismatch_exits_with_message(tmp_path, capsys):
+    out = tmp_path / "s"
+    base = [a for a in ARGS if a not in ("--no-progress",)] + ["--no-progress", "--num-workers", "0"]
+    base[base.index("--n-images") + 1] = "2"
+    assert main([*base, "--out", str(out)]) == 0
+    capsys.readouterr()
+    other = list(base)
+    other[other.index("--encoder") + 1] = "biomedclip"
+    assert main([*other, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "encoder.key: stored 'dinov3-vit7b16', this run 'biomedclip'" in err and "new --out directory" in err
+    assert main([*base, "--shard", "2/2", "--out", str(out)]) == 2
+    assert "i/n" in capsys.readouterr().err
+
+
+def test_folder_cohort_and_grid(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 255, (70, 60), dtype=np.uint8)).save(root / ("sub" if k else "") / f"im{k}.png")
+    out = tmp_path / "s"
+    rc = main(["extract", "--encoder", "biomedclip", "--stand-in", "--cohort", "folder", "--data-root", str(root),
+               "--store-grid", "--num-workers", "0", "--no-progress", "--panel", "smoke", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert '"images": 3' in capsys.readouterr().out
+    emb = read_store(out)
+    assert set(emb.meta["image_id"]) == {"im0.png", "sub/im1.png", "sub/im2.png"}
+    assert list(out.glob("grids-*.parquet"))
+
+
+def test_help_lists_the_options():
+    r = subprocess.run([sys.executable, "-m", "cxrcore.cli", "extract", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    for opt in ("--encoder", "--stand-in", "--weights", "--cohort", "--data-root", "--panel", "--n-images", "--shard",
+                "--store-grid", "--out"):
+        assert opt in r.stdout
