@@ -42,7 +42,7 @@ from .pooling import POOLING_MODES, patch_mean, roi_local
 from .store import (Embeddings, chunk_ranges, done_chunks, file_sha256, geometry_to_json, image_hash, open_store,
                     parse_shard, remove_stale_temporaries, shard_chunks, write_chunk)
 
-__all__ = ["Embeddings", "BatchEncoder", "ExtractResult", "Pass", "encode_batch", "encode_panel", "extract",
+__all__ = ["Embeddings", "BatchEncoder", "ExtractResult", "Pass", "encode_batch", "encode_cohort", "encode_panel", "extract",
            "load_item", "read_with_mask", "run_provenance", "weights_id"]
 
 
@@ -407,6 +407,41 @@ def encode_panel(cohort: Cohort, encoder: Encoder, cells: "Sequence[Perturbation
         flush()
     meta = pd.DataFrame(rows)
     return Embeddings(meta, {m: np.concatenate(v) for m, v in feats.items()})
+
+
+def encode_cohort(cohort: Cohort, encoder: Encoder, *, n_images: int | None = None, boxes: bool = False,
+                  batch_size: int = 16, progress: bool = False) -> Embeddings:
+    """Plain (unperturbed) extraction in memory: one row per image, with its labels.
+
+    ``boxes=True`` gives one row per box of the cohort instead (``roi_local`` pooled under
+    it; images without boxes keep one row with NaN ``roi_local``). For cohorts too large
+    for memory, use :func:`extract` (the ``cxrcore extract`` command) and read the store.
+    """
+    n = len(cohort) if n_images is None else min(int(n_images), len(cohort))
+    by_image = _boxes_of(cohort) if boxes else {}
+    it: Iterable[int] = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"{encoder.key} {getattr(cohort, 'name', '')}", unit="img")
+    rows: list[dict] = []
+    feats: dict[str, list[np.ndarray]] = {m: [] for m in POOLING_MODES}
+    pending: list[Pass] = []
+
+    def flush() -> None:
+        r, f, _ = encode_batch(encoder, pending)
+        rows.extend(r)
+        for m in POOLING_MODES:
+            feats[m].append(f[m])
+        pending.clear()
+
+    for i in it:
+        pending.extend(load_item(cohort, i, (), boxes=by_image))
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    return Embeddings(pd.DataFrame(rows), {m: np.concatenate(v) for m, v in feats.items()})
 
 
 # -- the store-writing extraction ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import cxrcore
 from cxrcore.cohorts import get_cohort
 from cxrcore.cohorts.base import Cohort
-from cxrcore.extract import IMAGE_CACHE, BatchEncoder, Embeddings, encode_panel, extract, load_item, read_with_mask
+from cxrcore.extract import IMAGE_CACHE, BatchEncoder, Embeddings, encode_cohort, encode_panel, extract, load_item, read_with_mask
 from cxrcore.perturb import PerturbationCell, footprint_box, load_panel
 from cxrcore.store import read_store
 
@@ -116,6 +116,16 @@ def test_plain_extraction_one_row_per_roi(tmp_path, encoder):
     np.testing.assert_allclose(emb.features["roi_local"][:2], ref.roi_local, atol=1e-5)
     assert np.isnan(emb.features["roi_local"][2]).all()  # no box, no roi_local
     np.testing.assert_allclose(emb.features["cls"], ref.cls[[0, 0, 1]], atol=1e-5)
+
+
+def test_encode_cohort_image_rows_or_box_rows(encoder):
+    data = _BoxCohort()
+    img = encode_cohort(data, encoder)
+    assert list(img.meta["image_id"]) == ["a", "b"] and list(img.meta["nodule"]) == [1.0, 0.0]
+    assert np.isnan(img.features["roi_local"]).all()
+    roi = encode_cohort(data, encoder, boxes=True)
+    assert list(roi.meta["box_index"]) == [0, 1, -1]
+    np.testing.assert_allclose(roi.features["cls"][[0, 2]], img.features["cls"], atol=1e-6)
 
 
 def test_batch_encoder_is_a_pure_batch_function(encoder):
