@@ -54,10 +54,12 @@ batch_size: int = 8  # images per forward pass
 output_dir: str = "book/_generated/figures/box_jitter"  # where figures and tables are written
 
 # %%
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib_inline.backend_inline import set_matplotlib_formats
 from PIL import Image
 
 import cxrcore
@@ -68,6 +70,10 @@ from cxrcore.cohorts.chestxdet10 import CHESTXDET10_CLASSES, ChestXDet10
 from cxrcore.cohorts.synthetic_lesions import write_synthetic_chestxdet10
 from cxrcore.io import read_image_size
 
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notebook-widget notice: noise on the page
+# Glued figures carry a PNG only if IPython has a PNG formatter for them; the Agg backend
+# that cxrcore.report selects registers none, so the book would show no figure.
+set_matplotlib_formats("png")
 BOX_COHORTS = ["chestxdet10"]
 unknown = [e for e in encoders if e not in cxrcore.list_encoders()]
 if unknown:
@@ -251,6 +257,14 @@ fig.tight_layout()
 report.publish_figure(fig, "fig-boxjitter-auc", output_dir)
 
 # %% [markdown]
+# ```{glue:figure} fig-boxjitter-auc
+# :name: fig-boxjitter-auc
+#
+# Box-level `roi_local` AUC (lesion vs matched control, all three classes) against the
+# jitter sigma, without (solid) and with (dashed) scale jitter; bands are 95 % CIs.
+# ```
+
+# %% [markdown]
 # ## How many jittered boxes still touch their lesion?
 # The share of jittered lesion boxes whose area still overlaps the lesion's own box, by
 # size stratum. It depends only on the boxes, not on the encoder.
@@ -268,6 +282,13 @@ ax.legend(frameon=False, fontsize=7)
 ax.set_title(f"Jittered lesion boxes overlapping their lesion\n({provenance})", fontsize=10)
 fig.tight_layout()
 report.publish_figure(fig, "fig-boxjitter-overlap", output_dir)
+
+# %% [markdown]
+# ```{glue:figure} fig-boxjitter-overlap
+# :name: fig-boxjitter-overlap
+#
+# Share of jittered lesion boxes that still overlap their lesion's box, by size stratum.
+# ```
 
 # %%
 shown = table.assign(**{"AUC [95% CI]": report.with_ci(table), "produced_with": provenance})[

@@ -62,10 +62,12 @@ batch_size: int = 8  # images per forward pass
 output_dir: str = "book/_generated/figures/chestxdet10"  # where figures and tables are written
 
 # %%
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib_inline.backend_inline import set_matplotlib_formats
 from PIL import Image
 
 import cxrcore
@@ -77,6 +79,10 @@ from cxrcore.cohorts.synthetic_lesions import write_synthetic_chestxdet10
 from cxrcore.geometry import make_geometry
 from cxrcore.io import read_image_size
 
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notebook-widget notice: noise on the page
+# Glued figures carry a PNG only if IPython has a PNG formatter for them; the Agg backend
+# that cxrcore.report selects registers none, so the book would show no figure.
+set_matplotlib_formats("png")
 BOX_COHORTS = ["chestxdet10"]
 unknown = [e for e in encoders if e not in cxrcore.list_encoders()]
 if unknown:
@@ -175,8 +181,10 @@ report.publish_table(patches, "tab-chestxdet10-patches", output_dir, floatfmt="{
 patches
 
 # %%
-show = [i for c in classes for i in pairs.loc[pairs["class"] == c, "image_id"].unique()[:1]]
-show = list(dict.fromkeys(show))[:4]
+show = []  # up to four different images, the classes taken in turn
+for c in classes * 4:
+    show += [i for i in pairs.loc[pairs["class"] == c, "image_id"].unique() if i not in show][:1]
+show = show[:4]
 imgs = [data.read_image(int(md.index[md["image_id"] == i][0])) for i in show]
 lesion_b = [pairs.loc[pairs["image_id"] == i, ["x1", "y1", "x2", "y2"]].to_numpy().tolist() for i in show]
 control_b = [pairs.loc[pairs["image_id"] == i, ["cx1", "cy1", "cx2", "cy2"]].to_numpy().tolist() for i in show]
@@ -184,6 +192,14 @@ titles = [", ".join(pairs.loc[pairs["image_id"] == i, "class"]) for i in show] +
 fig = report.image_grid(imgs + imgs, titles, boxes=lesion_b + control_b, ncols=len(show),
                         suptitle=f"Top: lesion boxes. Bottom: their matched control boxes ({provenance})")
 report.publish_figure(fig, "fig-chestxdet10-examples", output_dir)
+
+# %% [markdown]
+# ```{glue:figure} fig-chestxdet10-examples
+# :name: fig-chestxdet10-examples
+#
+# Lesion boxes as read by the ChestX-Det10 loader (top) and the matched control boxes
+# drawn for them (bottom), in the same images.
+# ```
 
 # %% [markdown]
 # ## One forward pass per image and encoder
@@ -295,6 +311,14 @@ fig.suptitle(f"Image-level probes by lesion-size stratum\n({provenance})", fonts
 fig.tight_layout()
 report.publish_figure(fig, "fig-chestxdet10-strata", output_dir)
 
+# %% [markdown]
+# ```{glue:figure} fig-chestxdet10-strata
+# :name: fig-chestxdet10-strata
+#
+# Image-level AUC of the small (open) and large (filled) stratum's positives against all
+# negatives, per encoder, class and pooling mode, with 95 % bootstrap CIs.
+# ```
+
 # %%
 keys = ["encoder", "class", "pooling"]
 wide = strata.assign(**{"AUC [95% CI]": report.with_ci(strata)}).pivot_table(
@@ -372,6 +396,14 @@ report.publish_figure(fig, "fig-chestxdet10-auc", output_dir)
 report.write_summary(both.assign(analysis="ChestX-Det10: " + both["class"],
                                  what="cls/patch_mean: class present vs absent (image); roi_local: lesion vs control box"),
                      output_dir)
+
+# %% [markdown]
+# ```{glue:figure} fig-chestxdet10-auc
+# :name: fig-chestxdet10-auc
+#
+# Image-level `cls` and `patch_mean` (class present vs absent) and box-level `roi_local`
+# (lesion vs matched control) AUCs with 95 % bootstrap CIs, per encoder and class.
+# ```
 
 # %% [markdown]
 # ## Paired DeLong at the image level: `patch_mean` against `cls`
