@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cxrcore.cohorts.base import BOX_COLUMNS, METADATA_COLUMNS, CohortError, assign_strata, make_boxes
@@ -89,16 +90,56 @@ def test_bad_entry(tmp_path, entry, reason):
     assert len(c.boxes) == 7
 
 
-def test_box_outside_image_found_on_read(tmp_path):
+def test_box_outside_image_screened_when_built(tmp_path):
+    # The json gives no size: it is read from each image header when the cohort is built,
+    # so the out-of-image box is raised or counted before any image is read.
     root = make_chestxdet10(tmp_path / "cxd", train=_with({"file_name": "9.png", "syms": ["Mass"], "boxes": [[10, 10, 80, 30]]}))
-    c = ChestXDet10(root)  # the json has no image size: it is checked on read
-    i = int(np.flatnonzero(c.metadata["image_id"] == "9.png")[0])
-    with pytest.raises(CohortError, match=r"9.png: box .* exceeds the image's 64x64 px"):
-        c.read_image(i)
+    with pytest.raises(CohortError, match=r"train.json \(entry numbers are 0-based\), line 3, field 'boxes\[2\]': "
+                                          r"box outside the image \(value 80.0\); expected x2 <= the image width read"):
+        ChestXDet10(root)
     c = ChestXDet10(root, on_error="exclude")
-    c.read_image(i)
-    assert "9.png" not in set(c.boxes["image_id"])
-    assert c.exclusions.to_dict("records") == [{"reason": "box outside the image (found on read)", "count": 1, "item": "box"}]
+    assert (c.metadata[["width", "height"]] == 64).all().all()
+    assert "9.png" not in set(c.boxes["image_id"]) and len(c.boxes) == 7
+    assert c.exclusions.to_dict("records") == [{"reason": "box outside the image", "count": 1, "item": "box"}]
+
+
+def test_read_only_raises_and_never_changes_the_cohort(tmp_path):
+    # Without sizes (check_files=False) the box can only be caught on read; reading may run
+    # in a DataLoader worker, whose state is lost, so it raises and drops nothing.
+    root = make_chestxdet10(tmp_path / "cxd", train=_with({"file_name": "9.png", "syms": ["Mass"], "boxes": [[10, 10, 80, 30]]}))
+    c = ChestXDet10(root, check_files=False, on_error="exclude")
+    assert c.metadata["width"].isna().all()
+    i = int(np.flatnonzero(c.metadata["image_id"] == "9.png")[0])
+    before = c.boxes.copy()
+    with pytest.raises(CohortError, match=r"9.png: box .* exceeds the image's 64x64 px.*check_files=True"):
+        c.read_image(i)
+    pd.testing.assert_frame_equal(c.boxes, before)
+    assert len(c.exclusions) == 0
+
+
+def test_unreadable_image_header_counted_when_built(tmp_path):
+    root = make_chestxdet10(tmp_path / "cxd")
+    (root / "train" / "36199.png").write_bytes(b"not a png")
+    with pytest.raises(CohortError, match=r"train.json.*line 0, field 'file_name': image file unreadable.*36199.png"):
+        ChestXDet10(root)
+    c = ChestXDet10(root, on_error="exclude")
+    assert "36199.png" not in set(c.metadata["image_id"]) and len(c) == 4
+    ex = c.exclusions.set_index("reason")["count"]
+    assert ex["image file unreadable (corrupt, truncated or unsupported)"] == 1
+    assert ex["box of an excluded image"] == 2 and len(c.boxes) == 5
+
+
+def test_header_read_of_a_missing_image_is_counted(tmp_path, monkeypatch):
+    # A file listed in the folder but gone when its header is read (a race, or a broken
+    # link) is an exclusion counted when the cohort is built.
+    root = make_chestxdet10(tmp_path / "cxd")
+    (root / "test" / "50002.png").unlink()
+    (root / "test" / "50002.png").symlink_to(root / "test" / "nowhere.png")
+    with pytest.raises(CohortError, match=r"test.json.*field 'file_name': image file missing"):
+        ChestXDet10(root)
+    c = ChestXDet10(root, on_error="exclude")
+    ex = c.exclusions.set_index("reason")["count"]
+    assert ex["image file missing"] == 1 and ex["box of an excluded image"] == 1 and len(c) == 4
 
 
 def test_missing_image_and_json(tmp_path):

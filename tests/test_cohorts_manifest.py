@@ -109,3 +109,31 @@ def test_boxes_of_excluded_image_counted(tmp_path):
     root = make_manifest(tmp_path / "e", rows=rows, boxes=["g,Nodule,1,1,4,4", "a,Nodule,1,1,4,4"])
     c = ManifestCohort(root, on_error="exclude")
     assert c.exclusions.set_index("reason")["count"].to_dict() == {"image file missing": 1, "box of an excluded image": 1}
+
+
+def test_boxes_screened_against_header_sizes_when_manifest_has_none(tmp_path):
+    # /tmp/rev/man.py: without width/height, a box past the image used to pass the build
+    # and only surface (and be dropped in a worker's lost state) on read.
+    rows = ["img/a.png,E001,a,S1,pa,,,1,0", "img/b.jpg,E001,b,S2,AP,,,0,", "img/c.dcm,E002,c,S3,PA,,,,1"]
+    root = make_manifest(tmp_path / "e", rows=rows, boxes=["a,Nodule,1,2,31,6", "c,Mass,0,0,30,20"])
+    with pytest.raises(CohortError, match=r"manifest_boxes.csv, line 2, field 'x2': box outside the image "
+                                          r"\(value 31.0\); expected x2 <= the image width \(the manifest's, or read from the image header"):
+        ManifestCohort(root)
+    c = ManifestCohort(root, on_error="exclude")
+    assert c.exclusions.to_dict("records") == [{"reason": "box outside the image", "count": 1, "item": "box"}]
+    assert list(c.boxes["image_id"]) == ["c"]
+    # sizes read for the images with boxes (a PNG and a DICOM), not for the others
+    assert c.metadata[["width", "height"]].to_numpy().tolist()[0] == [30, 20]
+    assert c.metadata.loc[2, ["width", "height"]].tolist() == [30, 20] and np.isnan(c.metadata.loc[1, "width"])
+
+
+def test_unreadable_header_of_an_image_with_boxes_counted_when_built(tmp_path):
+    rows = ["img/a.png,E001,a,S1,pa,,,1,0", "img/b.jpg,E001,b,S2,AP,30,20,0,"]
+    root = make_manifest(tmp_path / "e", rows=rows, boxes=["a,Nodule,1,2,5,6", "b,Nodule,1,2,5,6"])
+    (root / "img" / "a.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(CohortError, match=r"manifest.csv, line 2, field 'path': image file unreadable"):
+        ManifestCohort(root)
+    c = ManifestCohort(root, on_error="exclude")
+    assert list(c.metadata["image_id"]) == ["b"] and list(c.boxes["image_id"]) == ["b"]
+    assert c.exclusions.set_index("reason")["count"].to_dict() == {
+        "image file unreadable (corrupt, truncated or unsupported)": 1, "box of an excluded image": 1}

@@ -143,9 +143,19 @@ def test_image_size_differs_from_metadata_on_read(tmp_path):
     assert c.read_image(0).shape == (512, 512)  # no boxes on this image: fine
     with pytest.raises(CohortError, match="512x512 px but the metadata says 1024x1024"):
         c.read_image(3)
+    # Reading only raises, whatever on_error is (a DataLoader worker's changes are lost);
+    # check_images() reads the headers when the cohort is built and drops and counts the boxes.
     c = NIHChestXray14(root, on_error="exclude")
-    c.read_image(3)
-    assert set(c.boxes["image_id"]) == {"00000004_000.png"}
+    n_boxes = len(c.boxes)
+    with pytest.raises(CohortError, match="512x512 px but the metadata says 1024x1024"):
+        c.read_image(3)
+    assert len(c.boxes) == n_boxes and len(c.exclusions) == 0
+    c.check_images()
+    assert len(c.boxes) == 0 and len(c) == 5
+    assert c.exclusions.to_dict("records") == [
+        {"reason": "image size differs from the metadata", "count": n_boxes, "item": "box"}]
+    with pytest.raises(CohortError, match=r"boxes, line 0, field 'image_id': image size differs from the metadata"):
+        NIHChestXray14(root).check_images()
 
 
 def test_check_images_counts_corrupt(tmp_path):

@@ -8,7 +8,9 @@ Bad input (missing columns, unknown label values, empty, inverted or out-of-imag
 missing image files) raises :class:`CohortError` naming the file, line and field; a
 cohort built with ``on_error="exclude"`` instead drops the item and counts it in
 :attr:`Cohort.exclusions` (item, reason, count), which the book shows as the exclusion
-table. Missing columns always raise: there is no item to drop.
+table. Missing columns always raise: there is no item to drop. Every exclusion is
+decided when the cohort is built, in the main process: reading an image (possibly in a
+DataLoader worker) only ever raises, so counts are never lost with a worker's state.
 
 Validation is vectorised (one boolean mask per rule over the whole frame), so half a
 million rows load in seconds.
@@ -198,8 +200,9 @@ class Cohort:
     def read_image(self, index: int) -> np.ndarray:
         """Return row ``index``'s image as a 2-D float32 array in [0, 1] (full bit depth kept).
 
-        Boxes whose bounds could not be checked from metadata are checked here against
-        the real image size.
+        Boxes whose bounds could not be checked when the cohort was built (no size known)
+        are checked here against the real image size; a bad one raises, whatever
+        ``on_error`` is, because state changed here would be lost in a DataLoader worker.
         """
         row = self.metadata.iloc[index]
         img = cxio.read_image(row["path"])
@@ -215,28 +218,40 @@ class Cohort:
             yield self.read_image(i)
 
     def check_images(self) -> "Cohort":
-        """Read every image's header (not its pixels); unreadable ones raise or are excluded.
+        """Read every image's header (not its pixels) and screen the boxes against the real sizes.
 
-        Opt-in, because it opens every file; returns ``self`` so it chains.
+        Unreadable or missing images raise or are excluded; unknown ``width``/``height``
+        are filled from the headers; boxes of an image whose size differs from the
+        metadata, or that reach past the image, raise or are excluded and counted. Opt-in
+        for cohorts whose metadata already gives sizes (NIH, MIMIC), because it opens every
+        file; returns ``self`` so it chains.
         """
-        bad, errors = [], []
-        for i, p in enumerate(self.metadata["path"].to_numpy()):
-            try:
-                cxio.read_image_size(p)
-            except cxio.ImageReadError as e:
-                if self.on_error == "raise":
-                    raise
-                bad.append(i)
-                errors.append(isinstance(e, cxio.ImageMissingError))
-        if bad:
-            n_missing = sum(errors)
-            if n_missing:
-                self.exclude("image file missing", n_missing)
-            if len(bad) - n_missing:
-                self.exclude("image file unreadable (corrupt, truncated or unsupported)", len(bad) - n_missing)
-            dropped = self.metadata.iloc[bad]["image_id"]
-            self.metadata = self.metadata.drop(self.metadata.index[bad]).reset_index(drop=True)
-            self._drop_boxes_of(dropped, "box of an excluded image")
+        md = self.metadata.copy()
+        md["_line"] = np.arange(len(md))  # metadata row numbers in messages
+        given = md.reindex(columns=["width", "height"]).astype("float64")
+        md = self._header_sizes(md.drop(columns=["width", "height"], errors="ignore"), np.ones(len(md), dtype=bool),
+                                file=f"{self.name} metadata (row numbers are 0-based)", field="path")
+        given = given.loc[md.index]
+        dropped = self.metadata.loc[~self.metadata.index.isin(md.index), "image_id"]
+        self.metadata = self.metadata.loc[md.index].reset_index(drop=True)
+        self._drop_boxes_of(dropped, "box of an excluded image")
+        header = md[["image_id", "width", "height"]].reset_index(drop=True)
+        if self.boxes is not None and len(self.boxes):
+            differs = ((given["width"].notna() & (given["width"] != md["width"]))
+                       | (given["height"].notna() & (given["height"] != md["height"]))).to_numpy()
+            boxes = self.boxes.copy()
+            boxes["_line"] = np.arange(len(boxes))
+            bad = isin(boxes["image_id"], md.loc[differs, "image_id"])
+            boxes = self._screen(boxes, bad, "image size differs from the metadata", file=f"{self.name} boxes",
+                                 field="image_id", expected="boxes of an image whose header size matches the metadata "
+                                 "(boxes are in the provider's full-size pixels)",
+                                 fix="Use the provider's full-size images.", item="box")
+            boxes = self._screen_box_bounds(boxes, header, file=f"{self.name} boxes", name=lambda k: k,
+                                            source="read from the image header")
+            self.boxes = boxes.drop(columns="_line").reset_index(drop=True)
+        if "width" in self.metadata.columns:
+            for k in ("width", "height"):
+                self.metadata[k] = self.metadata[k].astype("float64").fillna(header[k])
         return self
 
     # -- exclusions ---------------------------------------------------------------------
@@ -280,12 +295,14 @@ class Cohort:
 
     def _screen_boxes(self, boxes: pd.DataFrame, *, file, sizes: pd.DataFrame | None = None,
                       known_ids: Iterable[str] = (), kept_ids: Iterable[str] | None = None,
-                      source_fields: dict[str, str] | None = None) -> pd.DataFrame:
+                      source_fields: dict[str, str] | None = None,
+                      size_source: str = "given in the metadata") -> pd.DataFrame:
         """Check boxes: numbers, known image, not empty, not inverted, inside the image.
 
         ``known_ids``: every image id the source lists; ``kept_ids``: those still in the
         metadata (boxes of excluded images are counted, not raised). ``sizes``: frame with
-        ``image_id``, ``width``, ``height`` (NaN where unknown; checked on read instead).
+        ``image_id``, ``width``, ``height`` (NaN where unknown: read_image then raises on an
+        out-of-image box); ``size_source`` says where the sizes came from, for messages.
         """
         f = source_fields or {}
         name = lambda k: f.get(k, k)  # noqa: E731 - the source's own field name in messages
@@ -309,16 +326,24 @@ class Cohort:
         for k in ("x1", "y1"):
             boxes = self._screen(boxes, (boxes[k] < 0).to_numpy(), "box outside the image",
                                  file=file, field=name(k), show=k, expected=f"{k} >= 0", item="box")
-        if sizes is not None and len(boxes):
-            wh = boxes[["image_id"]].merge(sizes[["image_id", "width", "height"]].drop_duplicates("image_id"),
-                                           on="image_id", how="left")
-            wh.index = boxes.index
-            for k, dim in (("x2", "width"), ("y2", "height")):
-                limit = wh[dim].to_numpy(dtype="float64")
-                boxes = self._screen(boxes, boxes[k].to_numpy() > np.where(np.isnan(limit), np.inf, limit),
-                                     "box outside the image", file=file, field=name(k), show=k,
-                                     expected=f"{k} <= the image {dim} given in the metadata", item="box")
-                wh = wh.loc[boxes.index]
+        if sizes is not None:
+            boxes = self._screen_box_bounds(boxes, sizes, file=file, name=name, source=size_source)
+        return boxes
+
+    def _screen_box_bounds(self, boxes: pd.DataFrame, sizes: pd.DataFrame, *, file, name,
+                           source: str = "given in the metadata") -> pd.DataFrame:
+        """Screen ``x2 <= width`` and ``y2 <= height`` (``sizes``: image_id, width, height; NaN = unknown)."""
+        if not len(boxes):
+            return boxes
+        wh = boxes[["image_id"]].merge(sizes[["image_id", "width", "height"]].drop_duplicates("image_id"),
+                                       on="image_id", how="left")
+        wh.index = boxes.index
+        for k, dim in (("x2", "width"), ("y2", "height")):
+            limit = wh[dim].to_numpy(dtype="float64")
+            boxes = self._screen(boxes, boxes[k].to_numpy() > np.where(np.isnan(limit), np.inf, limit),
+                                 "box outside the image", file=file, field=name(k), show=k,
+                                 expected=f"{k} <= the image {dim} {source}", item="box")
+            wh = wh.loc[boxes.index]
         return boxes
 
     def _finish_boxes(self, boxes: pd.DataFrame, stratify) -> pd.DataFrame:
@@ -335,28 +360,68 @@ class Cohort:
             self.boxes = self.boxes.loc[~gone].reset_index(drop=True)
 
     def _check_boxes_on_read(self, row: pd.Series, shape: tuple[int, ...]) -> None:
+        # Raise only, never drop: read_image runs in DataLoader worker processes, where any
+        # change to self.boxes or the exclusion counts is lost when the worker exits. Boxes
+        # are screened against image sizes when the cohort is built (check_files=True or
+        # check_images()); reaching this means the cohort was built without those sizes.
         h, w = shape[:2]
         mine = (self.boxes["image_id"] == row["image_id"]).to_numpy(dtype=bool, copy=True)
         if not mine.any():
             return
         meta_w, meta_h = row.get("width", np.nan), row.get("height", np.nan)
         if pd.notna(meta_w) and pd.notna(meta_h) and (int(meta_w), int(meta_h)) != (w, h):
-            reason, detail = "image size differs from the metadata", (
-                f"image is {w}x{h} px but the metadata says {int(meta_w)}x{int(meta_h)}; its boxes would be wrong. "
-                "Use the provider's full-size images")
+            detail = (f"image is {w}x{h} px but the metadata says {int(meta_w)}x{int(meta_h)}; its boxes would be "
+                      "wrong. Use the provider's full-size images")
         else:
             b = self.boxes.loc[mine]
             out = ((b["x2"] > w) | (b["y2"] > h)).to_numpy()
             if not out.any():
                 return
-            mine[mine] = out
-            reason, detail = "box outside the image", (
-                f"box {b.loc[out].iloc[0][['x1', 'y1', 'x2', 'y2']].tolist()} exceeds the image's {w}x{h} px")
-        if self.on_error == "raise":
-            raise CohortError(f"{row['path']}: {detail}. Check the box file, or build the cohort with "
-                              "on_error='exclude' to drop and count such boxes.")
-        self.exclude(reason + " (found on read)", int(mine.sum()), "box")
-        self.boxes = self.boxes.loc[~mine].reset_index(drop=True)
+            detail = f"box {b.loc[out].iloc[0][['x1', 'y1', 'x2', 'y2']].tolist()} exceeds the image's {w}x{h} px"
+        raise CohortError(f"{row['path']}: {detail}. Check the box file; to drop and count such boxes instead, build "
+                          "the cohort with check_files=True and on_error='exclude' (or call check_images()), which "
+                          "screens every box against its image's size before any image is read.")
+
+    def _header_sizes(self, frame: pd.DataFrame, rows, *, file, field: str, show: str = "path") -> pd.DataFrame:
+        """Fill ``width``/``height`` of ``frame``'s ``rows`` (bool mask) from the image headers.
+
+        Headers only (no pixel decoding). An image whose header cannot be read raises
+        naming ``file``, line and ``field``, or, with ``on_error="exclude"``, is dropped
+        and counted ("image file missing" / "image file unreadable ...").
+        """
+        frame = frame.copy()
+        for k in ("width", "height"):
+            if k not in frame.columns:
+                frame[k] = np.nan
+            frame[k] = frame[k].astype("float64")
+        rows = np.asarray(rows, dtype=bool)
+        idx = np.flatnonzero(rows)
+        paths = frame[show].to_numpy()[idx] if show in frame.columns else frame["path"].to_numpy()[idx]
+        w = np.full(len(frame), np.nan)
+        h = np.full(len(frame), np.nan)
+        missing = np.zeros(len(frame), dtype=bool)
+        unreadable = np.zeros(len(frame), dtype=bool)
+        first_error: dict[str, str] = {}
+        for i, p in zip(idx, paths):
+            try:
+                size = cxio.read_image_size(p)
+            except cxio.ImageReadError as e:
+                kind = "missing" if isinstance(e, cxio.ImageMissingError) else "unreadable"
+                (missing if kind == "missing" else unreadable)[i] = True
+                first_error.setdefault(kind, str(e))
+                continue
+            w[i], h[i] = size.width, size.height
+        frame.loc[rows, "width"] = w[rows]
+        frame.loc[rows, "height"] = h[rows]
+        frame = self._screen(frame, missing, "image file missing", file=file, field=field, show=show,
+                             expected="an image file whose header gives its size",
+                             fix=first_error.get("missing", ""))
+        # The first screen raised or dropped every missing row, so ``~missing`` aligns the rest.
+        frame = self._screen(frame, unreadable[~missing],
+                             "image file unreadable (corrupt, truncated or unsupported)", file=file, field=field,
+                             show=show, expected="a readable PNG, JPEG or DICOM header",
+                             fix=first_error.get("unreadable", ""))
+        return frame
 
     def __repr__(self) -> str:
         nb = 0 if self.boxes is None else len(self.boxes)

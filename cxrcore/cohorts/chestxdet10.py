@@ -38,7 +38,13 @@ class ChestXDet10(Cohort):
     default, see :func:`~cxrcore.cohorts.base.assign_strata`), over all boxes of the
     chosen ``splits``. The json gives no patient ids, so ``patient_id`` is the image id:
     only the official train/test split (column ``split``) is patient-safe by construction.
-    The json gives no image size either, so boxes are checked against it when an image is read.
+    The json gives no image size, so with ``check_files=True`` (default) each image's
+    ``width``/``height`` is read from its header (no pixel decoding; the whole build takes
+    about 0.3 s for 3,543 1024-px PNGs on a local disk, 1 s with a cold file cache) and every box is screened against it when the cohort is
+    built: a box past the image raises naming the json file, entry and field, or with
+    ``on_error="exclude"`` is dropped and counted, as is an image whose header cannot be
+    read. ``check_files=False`` touches no image file: sizes stay NaN and an out-of-image
+    box raises when its image is read.
 
     Citation: Liu J, Lian J, Yu Y. ChestX-Det10: Chest X-ray dataset on detection of thoracic
     abnormalities. arXiv:2006.10550 (2020).
@@ -76,15 +82,18 @@ class ChestXDet10(Cohort):
         kept = boxes.loc[boxes["class"].isin(list(classes))]
         # Image-level labels from the syms, before box checks: a bad box does not unmake the finding.
         has = pd.crosstab(kept["image_id"], kept["class"]).reindex(columns=list(classes), fill_value=0) > 0
-        kept = self._screen_boxes(kept, file=self.root / "<split>.json", sizes=None,
-                                  known_ids=boxes["image_id"].tolist() + md["image_id"].tolist(),
-                                  kept_ids=md["image_id"], source_fields={"image_id": "file_name", "x1": "boxes[0]",
-                                                                          "y1": "boxes[1]", "x2": "boxes[2]",
-                                                                          "y2": "boxes[3]"})
+        known = boxes["image_id"].tolist() + md["image_id"].tolist()
+        fields = {"image_id": "file_name", "x1": "boxes[0]", "y1": "boxes[1]", "x2": "boxes[2]", "y2": "boxes[3]"}
+        # One split at a time, so a message names the json file the entry number refers to.
+        kept = pd.concat([
+            self._screen_boxes(kept.loc[(kept["_split"] == split).to_numpy()],
+                               file=f"{self.root / split}.json (entry numbers are 0-based)",
+                               sizes=md[["image_id", "width", "height"]], size_source="read from the image header",
+                               known_ids=known, kept_ids=md["image_id"], source_fields=fields)
+            for split in splits
+        ])
         for c in classes:
             md[c] = md["image_id"].map(has[c]).fillna(False).astype("float64")
-        md["width"] = np.nan
-        md["height"] = np.nan
         self.metadata = md[[*METADATA_COLUMNS, *self.label_columns, "split", "width", "height"]].reset_index(drop=True)
         self.boxes = self._finish_boxes(kept, stratify)
 
@@ -125,6 +134,12 @@ class ChestXDet10(Cohort):
             md = self._screen(md, ~existing_files(md["path"]), "image file missing", file=where, field="file_name",
                               show="path", expected=f"the image in {self.root / split}",
                               fix=f"Unzip the {split} images into {self.root / split}.")
+            # The json has no sizes: read them from the headers so boxes are screened now, in
+            # the main process, not on read in a DataLoader worker whose exclusions are lost.
+            md = self._header_sizes(md, np.ones(len(md), dtype=bool), file=where, field="file_name")
+        else:
+            md["width"] = np.nan
+            md["height"] = np.nan
 
         flat = df[["file_name", "syms", "boxes", "_line"]].explode(["syms", "boxes"]).dropna(subset=["syms"])
         ok4 = flat["boxes"].map(lambda b: isinstance(b, list) and len(b) == 4).to_numpy()
@@ -135,4 +150,5 @@ class ChestXDet10(Cohort):
         xy = np.array(flat["boxes"].tolist(), dtype=object).reshape(-1, 4)
         boxes = make_boxes(flat["file_name"], flat["syms"], xy[:, 0], xy[:, 1], xy[:, 2], xy[:, 3],
                            line=flat["_line"])
+        boxes["_split"] = split
         return md, boxes

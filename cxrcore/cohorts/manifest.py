@@ -15,6 +15,7 @@ from cxrcore.cohorts.base import (
     OnError,
     coerce_labels,
     existing_files,
+    isin,
     make_boxes,
     read_csv,
 )
@@ -30,8 +31,9 @@ Manifest CSV (UTF-8, comma-separated, one row per image, header on line 1)
 | study_id     | no       | study / accession id (default: the image id) |
 | view         | no       | PA, AP, LATERAL, LL ... (free text, upper-cased) |
 | split        | no       | a fixed split for the image, e.g. train / test |
-| width        | no       | image width in pixels (lets boxes be checked without opening images) |
-| height       | no       | image height in pixels |
+| width        | no       | image width in pixels (lets boxes be checked without opening images; |
+|              |          | left blank, it is read from the image header of every image with boxes) |
+| height       | no       | image height in pixels (likewise) |
 | label_<name> | no       | one column per finding: 1 (present), 0 (absent) or blank (unknown) |
 
 Any other column is an error (a typo in a label column must not pass silently).
@@ -61,7 +63,11 @@ class ManifestCohort(Cohort):
     ``csv_path`` is the manifest, or a folder holding ``manifest.csv``. Validation is
     strict: every rule of the schema gives an error naming file, line and field (or, with
     ``on_error="exclude"``, a counted exclusion). Label columns drop their ``label_``
-    prefix. ``stratify``: the box stratum rule (see
+    prefix. Every box is screened against its image's size when the cohort is built:
+    the manifest's ``width``/``height``, or, where those are blank and ``check_files`` is
+    True, the size read from the image header (an unreadable header raises or, with
+    ``on_error="exclude"``, excludes and counts the image). With ``check_files=False`` and
+    no sizes, an out-of-image box raises when its image is read. ``stratify``: the box stratum rule (see
     :func:`~cxrcore.cohorts.base.assign_strata`).
 
     Citation, licence and download: those of the institution's own data; ``pixels_public``
@@ -125,17 +131,26 @@ class ManifestCohort(Cohort):
         if check_files:
             df = self._screen(df, ~existing_files(df["path"]), "image file missing", file=path, field="path",
                               expected="an existing image file", fix="Fix the path (relative to the manifest's folder).")
-        self.metadata = df[[*METADATA_COLUMNS, *self.label_columns, *OPTIONAL[3:]]].reset_index(drop=True)
-
         bpath = Path(boxes_csv) if boxes_csv is not None else path.with_name(path.stem + "_boxes.csv")
-        self.boxes = None
+        raw = None
         if boxes_csv is not None or bpath.is_file():
             raw = read_csv(bpath, required=BOX_REQUIRED, what="manifest boxes file", dtype={"image_id": str, "class": str})
+            if check_files:
+                # Sizes left blank: read them from the headers of the images that have boxes, so
+                # every box is screened now (in the main process), not on read in a worker.
+                need = (df["width"].isna() | df["height"].isna()).to_numpy() & isin(df["image_id"], raw["image_id"])
+                if need.any():
+                    df = self._header_sizes(df, need, file=path, field="path")
+        self.metadata = df[[*METADATA_COLUMNS, *self.label_columns, *OPTIONAL[3:]]].reset_index(drop=True)
+
+        self.boxes = None
+        if raw is not None:
             boxes = make_boxes(raw["image_id"], raw["class"], raw["x1"], raw["y1"], raw["x2"], raw["y2"],
                                line=raw["_line"])
             boxes = self._screen_boxes(boxes, file=bpath, sizes=self.metadata[["image_id", "width", "height"]],
                                        known_ids=pd.concat([df["image_id"], self._dropped_ids(df)]),
-                                       kept_ids=self.metadata["image_id"])
+                                       kept_ids=self.metadata["image_id"],
+                                       size_source="(the manifest's, or read from the image header where blank)")
             self.boxes = self._finish_boxes(boxes, stratify)
 
     def _dropped_ids(self, df: pd.DataFrame) -> pd.Series:
