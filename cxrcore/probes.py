@@ -260,3 +260,40 @@ def out_of_fold_scores(X, y, groups=None, folds=None, probe=None, *, n_splits: i
         est.fit(X[~test], yb[~test], groups=g_train)
         scores[test] = est.decision_function(X[test])
     return scores
+
+
+def out_of_fold_table(meta, features: dict, label_col: str, *, by=(), group_col: str = "patient_id",
+                      n_splits: int = 5, seed: int = 0, probe=None) -> "pd.DataFrame":
+    """Out-of-fold scores of every pooling mode, per stratum, as one tidy frame.
+
+    meta: one row per image (or box) with ``label_col``, ``group_col`` and the ``by``
+    columns; features: pooling mode -> ``[n, D]`` array row-aligned with ``meta``. Within
+    each stratum of ``by``, rows with an unknown (NaN) label are left out, one set of
+    patient-grouped folds is drawn, and every mode is scored on those same folds, so the
+    modes' AUCs are paired. Returns the kept ``meta`` rows with one score column per mode
+    and a ``fold`` column.
+    """
+    import pandas as pd
+
+    by = list(by)
+    missing = [c for c in [label_col, group_col, *by] if c not in meta.columns]
+    if missing:
+        raise ValueError(f"meta lacks column(s) {missing}; it has {list(meta.columns)}")
+    meta = meta.reset_index(drop=True)
+    parts = []
+    strata = meta.groupby(by, sort=False).indices.items() if by else [((), np.arange(len(meta)))]
+    for key, idx in strata:
+        idx = np.asarray(idx)
+        idx = idx[meta[label_col].to_numpy()[idx] == meta[label_col].to_numpy()[idx]]  # drop NaN labels
+        y = meta[label_col].to_numpy()[idx].astype(int)
+        g = meta[group_col].to_numpy()[idx]
+        try:
+            folds = grouped_folds(y, g, n_splits=n_splits, seed=seed)
+            part = meta.iloc[idx].copy()
+            part["fold"] = folds
+            for mode, X in features.items():
+                part[mode] = out_of_fold_scores(np.asarray(X)[idx], y, g, folds=folds, probe=probe)
+        except ValueError as err:
+            raise ValueError(f"stratum {dict(zip(by, key if isinstance(key, tuple) else (key,)))}: {err}") from err
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)

@@ -133,37 +133,48 @@ def with_ci(df: pd.DataFrame, est: str = "auc", lo: str = "ci_low", hi: str = "c
     return df.apply(one, axis=1).astype(str) if len(df) else pd.Series([], dtype=str)
 
 
-def auc_by_pooling_figure(table: pd.DataFrame, *, x: str = "encoder", col: str | None = None,
+def auc_by_pooling_figure(table: pd.DataFrame, *, x: str = "encoder", col: str | None = None, col_wrap: int = 4,
                           title: str = "", chance: float = 0.5, label: str = STAND_IN_LABEL):
-    """Point-and-interval plot of AUC per pooling mode (colour) along ``x``, faceted by ``col``.
+    """Point-and-interval plot of AUC per pooling mode (colour) along ``x``, one panel per ``col`` value.
 
-    ``table`` has columns ``pooling``, ``auc``, ``ci_low``, ``ci_high``, ``x`` (and ``col``).
-    ``label`` says how the numbers were produced and is printed on the figure.
+    ``table`` has columns ``pooling``, ``auc``, ``ci_low``, ``ci_high``, ``x`` (and ``col``);
+    rows without a CI are drawn as points. Panels wrap after ``col_wrap``. ``label`` says
+    how the numbers were produced and is printed on the figure.
     """
     set_style()
     cols = [None] if col is None else list(dict.fromkeys(table[col]))
-    fig, axes = plt.subplots(1, len(cols), figsize=(max(4.5, 2.2 + 1.1 * table[x].nunique()) * len(cols) ** 0.75, 3.6),
-                             sharey=True, squeeze=False)
+    ncols = min(len(cols), col_wrap)
+    nrows = int(np.ceil(len(cols) / ncols))
+    nx = table[x].nunique()
+    width = max(3.2, 1.6 + 0.55 * nx)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols + 1.2, 3.3 * nrows + 0.6), sharey=True, squeeze=False)
     modes = [m for m in POOLING_MODES if m in set(table["pooling"])]
-    for ax, c in zip(axes[0], cols):
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(cols):
+            ax.axis("off")
+            continue
+        c = cols[k]
         sub = table if c is None else table[table[col] == c]
         xs = list(dict.fromkeys(sub[x]))
         for j, m in enumerate(modes):
             s = sub[sub["pooling"] == m].set_index(x).reindex(xs)
             pos = np.arange(len(xs)) + (j - (len(modes) - 1) / 2) * 0.22
-            ax.errorbar(pos, s["auc"], yerr=[s["auc"] - s["ci_low"], s["ci_high"] - s["auc"]], fmt="o",
-                        color=POOLING_PALETTE[m], label=m, capsize=3, ms=6, lw=1.5)
+            err = np.vstack([(s["auc"] - s["ci_low"]).fillna(0).clip(lower=0), (s["ci_high"] - s["auc"]).fillna(0).clip(lower=0)])
+            ax.errorbar(pos, s["auc"], yerr=err, fmt="o", color=POOLING_PALETTE[m], label=m, capsize=2.5, ms=5, lw=1.3)
         ax.axhline(chance, color="0.5", ls="--", lw=1)
-        ax.set_xticks(np.arange(len(xs)), xs, rotation=30 if len(xs) > 3 else 0, ha="right" if len(xs) > 3 else "center")
+        rot = 40 if (len(xs) > 3 or max(len(str(v)) for v in xs) > 10) else 0
+        ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs], rotation=rot, ha="right" if rot else "center", fontsize=8)
         ax.set_ylim(0.3, 1.02)
         ax.set_xlabel("")
         if c is not None:
             ax.set_title(str(c), fontsize=10)
-    axes[0, 0].set_ylabel("AUC (95% bootstrap CI)")
-    axes[0, -1].legend(title="pooling", frameon=False, loc="lower right", fontsize=8)
+    for r in range(nrows):
+        axes[r, 0].set_ylabel("AUC (95% CI)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="pooling", frameon=False, loc="center right", fontsize=8)
     if title or label:
         fig.suptitle(f"{title}\n({label})" if label else title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 1.0 / (width * ncols + 1.2), 1))
     return fig
 
 

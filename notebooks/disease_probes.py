@@ -43,14 +43,15 @@ n_boot: int = 1000  # bootstrap replicates for the 95% CIs
 output_dir: str = "book/_generated/figures/disease_probes"  # where figures and tables are written
 
 # %%
+import numpy as np
 import pandas as pd
 
 import cxrcore
 from cxrcore import report
 from cxrcore.cohorts import get_cohort, list_cohorts
 from cxrcore.extract import encode_cohort
-from cxrcore.probes import grouped_folds, out_of_fold_scores
-from cxrcore.stats import bootstrap_auc, delong_paired, fdr_bh
+from cxrcore.probes import out_of_fold_table
+from cxrcore.stats import auc_table, compare_table
 
 unknown = [e for e in encoders if e not in cxrcore.list_encoders()]
 if unknown:
@@ -87,28 +88,21 @@ if data.pixels_public:
 # ## One forward pass per image, then one probe per label and pooling mode
 
 # %%
-rows, tests = [], []
+oof = []
 for key in encoders:
     enc = cxrcore.load_encoder(key, weights=weights.get(key), stand_in=stand_in)
     emb = encode_cohort(data, enc, n_images=n_images)
-    for t in task_labels:
-        known = emb.meta[t].notna().to_numpy()
-        sub = emb.subset(known)
-        y = sub.meta[t].to_numpy().astype(int)
-        g = sub.meta["patient_id"].to_numpy()
-        folds = grouped_folds(y, g, n_splits=n_splits, seed=seed)
-        scores = {}
-        for mode in ("cls", "patch_mean"):
-            scores[mode] = out_of_fold_scores(sub.features[mode], y, g, folds=folds)
-            b = bootstrap_auc(y, scores[mode], n_boot=n_boot, seed=seed, groups=g)
-            rows.append({"encoder": key, "label": t, "pooling": mode, "auc": b.auc, "ci_low": b.ci_low,
-                         "ci_high": b.ci_high, "n_pos": int(y.sum()), "n_neg": int((1 - y).sum()), "produced_with": provenance})
-        d = delong_paired(y, scores["patch_mean"], scores["cls"])
-        tests.append({"encoder": key, "label": t, "a": "patch_mean", "b": "cls", "auc_a": d.auc_a, "auc_b": d.auc_b,
-                      "delta": d.auc_a - d.auc_b, "z": d.z, "p_value": d.p_value})
-table = pd.DataFrame(rows)
-tests = pd.DataFrame(tests)
-tests["p_bh"] = fdr_bh(tests["p_value"].to_numpy())  # family: every (encoder x label) comparison of this notebook
+    features = {m: emb.features[m] for m in ("cls", "patch_mean")}
+    long = pd.concat([emb.meta.assign(label=t, y=emb.meta[t]) for t in task_labels], ignore_index=True)
+    feats = {m: np.concatenate([X] * len(task_labels)) for m, X in features.items()}
+    oof.append(out_of_fold_table(long, feats, "y", by=["label"], n_splits=n_splits, seed=seed).assign(encoder=key))
+oof = pd.concat(oof, ignore_index=True)
+table = auc_table(oof, ["cls", "patch_mean"], "y", by=["encoder", "label"], score_name="pooling",
+                  group_col="patient_id", n_boot=n_boot, seed=seed)
+table["produced_with"] = provenance
+# family: every (encoder x label) comparison on this page
+tests = compare_table(oof, ["cls", "patch_mean"], "y", pairs=[("patch_mean", "cls")], by=["encoder", "label"],
+                      group_col="patient_id", seed=seed)
 
 # %% [markdown]
 # ## AUC by encoder, label and pooling mode
@@ -123,12 +117,13 @@ report.write_summary(table.assign(analysis="disease: " + table["label"], what="l
 shown
 
 # %% [markdown]
-# ## Paired DeLong: `patch_mean` against `cls`
-# Same images, same folds; p-values are Benjamini-Hochberg adjusted over all
-# (encoder x label) comparisons on this page.
+# ## Paired comparison: `patch_mean` against `cls`
+# Same images, same folds; with one image per patient this is DeLong's paired test, with
+# several it is a patient-cluster bootstrap of the paired difference. p-values are
+# Benjamini-Hochberg adjusted over all (encoder x label) comparisons on this page.
 
 # %%
-report.publish_table(tests, "tab-disease-delong", output_dir)
+report.publish_table(tests, "tab-disease-delong", output_dir, floatfmt="{:.3g}")
 tests
 
 # %% [markdown]
