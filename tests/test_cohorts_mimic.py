@@ -37,6 +37,43 @@ def test_uncertain_policy(tmp_path, uncertain, value):
     assert np.isnan(md.loc[MIMIC_IMAGES[0][0], "Fracture"])  # blank = not mentioned = unknown
 
 
+def _study(md, study_id):
+    return md.loc[md["study_id"] == str(study_id)].iloc[0]
+
+
+def test_no_finding_makes_blank_findings_negative(tmp_path):
+    # Study 53189527 has No Finding = 1 and every other cell blank: a negative for every
+    # finding (CheXpert rule, torchxrayvision's MIMIC_Dataset), not unknown.
+    md = MIMICCXRJPG(make_mimic(tmp_path / "m")).metadata
+    healthy = _study(md, 53189527)
+    others = [c for c in MIMIC_LABELS if c != "No Finding"]
+    assert healthy["No Finding"] == 1.0 and (healthy[others] == 0.0).all()
+    # a study without No Finding keeps its blanks unknown, and its No Finding blank too
+    sick = _study(md, 50414267)
+    assert np.isnan(sick["Fracture"]) and np.isnan(sick["No Finding"]) and sick["Atelectasis"] == 1.0
+
+
+def test_no_finding_rule_keeps_explicit_cells(tmp_path):
+    # Support Devices = 1 beside No Finding = 1 is what the CheXpert labeler writes for a
+    # film with a line and no disease: explicit cells win over the rule (torchxrayvision
+    # would overwrite them with 0). An uncertain cell follows `uncertain`, not the rule.
+    labels = {53189527: {"No Finding": 1.0, "Support Devices": 1.0, "Edema": -1.0}}
+    for uncertain, edema in (("ignore", np.nan), ("positive", 1.0)):
+        row = _study(MIMICCXRJPG(make_mimic(tmp_path / uncertain, labels=labels), uncertain=uncertain).metadata,
+                     53189527)
+        assert row["Support Devices"] == 1.0 and row["Cardiomegaly"] == 0.0
+        assert (np.isnan(row["Edema"]) and np.isnan(edema)) or row["Edema"] == edema
+
+
+def test_blank_negative(tmp_path):
+    md = MIMICCXRJPG(make_mimic(tmp_path / "m"), blank="negative").metadata
+    sick = _study(md, 50414267)
+    assert sick["Fracture"] == 0.0 and sick["No Finding"] == 0.0 and sick["Atelectasis"] == 1.0
+    assert np.isnan(sick["Cardiomegaly"])  # -1 is uncertain, not blank: uncertain="ignore" keeps it NaN
+    with pytest.raises(ValueError, match="blank"):
+        MIMICCXRJPG(tmp_path / "m", blank="zero")
+
+
 def test_all_views_and_negbio_and_gz(tmp_path):
     root = make_mimic(tmp_path / "m", labeler="negbio", gz=True)
     c = MIMICCXRJPG(root, views=None, labeler="negbio")

@@ -23,6 +23,9 @@ PREFIX = "mimic-cxr-2.0.0-"
 META_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition")
 LABEL_KEYS = ("subject_id", "study_id")
 UNCERTAIN = {"ignore": np.nan, "positive": 1.0, "negative": 0.0}
+#: What a blank cell (finding not mentioned) becomes.
+BLANK = {"unknown": np.nan, "negative": 0.0}
+NO_FINDING = "No Finding"
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -48,6 +51,16 @@ class MIMICCXRJPG(Cohort):
     ``"negbio"``; ``check_files=False`` skips the image-folder listing. Studies without a
     label row keep NaN labels.
 
+    Blank cells (finding not mentioned in the report) follow ``blank``: ``"unknown"``
+    (default, NaN) or ``"negative"`` (0). Whatever ``blank`` is, a study with
+    ``No Finding == 1`` has every other blank finding set to 0: the CheXpert labeler
+    marks No Finding only when no finding is positive or uncertain, so a blank there is
+    a negative. This is torchxrayvision's ``MIMIC_Dataset`` behaviour (blanks NaN, No
+    Finding overrides), and so the common practice, with one difference: explicit 1, 0 and
+    -1 cells win over the No Finding rule. torchxrayvision overwrites them with 0 too,
+    which only matters for Support Devices, the one finding the labeler allows beside No
+    Finding (a radiograph with a line and no disease); overwriting it would be wrong.
+
     Citation: Johnson AEW, Pollard TJ, Greenbaum NR, et al. MIMIC-CXR-JPG, a large publicly
     available database of labeled chest radiographs. arXiv:1901.07042 (2019); PhysioNet.
     Licence: PhysioNet Credentialed Health Data License 1.5.0; credentialed access, CITI
@@ -62,16 +75,18 @@ class MIMICCXRJPG(Cohort):
     licence = "PhysioNet Credentialed Health Data License 1.5.0 (credentialed access, DUA)"
     homepage = "https://physionet.org/content/mimic-cxr-jpg/"
 
-    def __init__(self, root: str | os.PathLike, *, uncertain: str = "ignore",
+    def __init__(self, root: str | os.PathLike, *, uncertain: str = "ignore", blank: str = "unknown",
                  views: tuple[str, ...] | None = ("PA", "AP"), labeler: str = "chexpert",
                  check_files: bool = True, on_error: OnError = "raise") -> None:
         super().__init__(on_error)
         if uncertain not in UNCERTAIN:
             raise ValueError(f"uncertain={uncertain!r}: expected one of {list(UNCERTAIN)}.")
+        if blank not in BLANK:
+            raise ValueError(f"blank={blank!r}: expected one of {list(BLANK)}.")
         if labeler not in ("chexpert", "negbio"):
             raise ValueError(f"labeler={labeler!r}: expected 'chexpert' or 'negbio'.")
         self.root = Path(root)
-        self.uncertain, self.labeler = uncertain, labeler
+        self.uncertain, self.blank, self.labeler = uncertain, blank, labeler
 
         meta_path = _find(self.root, "metadata")
         md = read_csv(meta_path, required=META_COLUMNS, what="MIMIC-CXR-JPG metadata file")
@@ -114,16 +129,21 @@ class MIMICCXRJPG(Cohort):
             raise CohortError(f"{path}, line 1: no label columns after subject_id, study_id. Use the provider's file.")
         lab = self._screen(lab, lab["study_id"].duplicated().to_numpy(), "duplicate study in the label file",
                            file=path, field="study_id", expected="one row per study", item="label row")
-        coded, bad_any = {}, np.zeros(len(lab), dtype=bool)
+        coded, blanks, bad_any = {}, {}, np.zeros(len(lab), dtype=bool)
         for col in self.label_columns:
             num, bad = coerce_labels(lab[col], allowed=(1.0, 0.0, -1.0))
             if self.on_error == "raise":  # raises naming the first bad cell
                 self._screen(lab, bad.to_numpy(), "unknown label value", file=path, field=col,
                              expected="1, 0, -1 (uncertain) or blank")
             bad_any |= bad.to_numpy()
+            # Blank (or bad: those rows go below) before -1 is mapped, so an uncertain cell
+            # that "ignore" turns into NaN is never taken for a blank.
+            blanks[col] = num.isna().to_numpy()
             coded[col] = num.mask(num == -1.0, UNCERTAIN[self.uncertain])
+        healthy = (coded[NO_FINDING] == 1.0).to_numpy() if NO_FINDING in coded else np.zeros(len(lab), dtype=bool)
         for col in self.label_columns:
-            lab[col] = coded[col]
+            fill = np.where(healthy & (col != NO_FINDING), 0.0, BLANK[self.blank])
+            lab[col] = coded[col].mask(blanks[col], pd.Series(fill, index=lab.index))
         lab["study_id"] = pd.to_numeric(lab["study_id"], errors="coerce").astype("Int64").astype("string")
         # A study with a bad label cell has no trustworthy labels: its images go, counted as images.
         bad_studies = lab.loc[bad_any, "study_id"]
