@@ -103,10 +103,24 @@ def glue(key: str, value, display: bool = False) -> None:
     _glue(key, value, display=display)
 
 
+def _png_in_notebooks() -> None:
+    """Make IPython render figures as PNG: under the Agg backend it registers no formatter,
+    and a glued figure without a PNG shows nothing in the book."""
+    try:
+        from IPython import get_ipython
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        set_matplotlib_formats("png")
+
+
 def publish_figure(fig, key: str, output_dir: str | os.PathLike) -> Path:
-    """Save and glue a figure under ``key``."""
+    """Save and glue a figure under ``key`` (shown where a page places it with ``{glue:figure}``)."""
     path = save_figure(fig, key, output_dir)
+    _png_in_notebooks()
     glue(key, fig, display=False)
+    plt.close(fig)  # shown through the glue only, never twice
     return path
 
 

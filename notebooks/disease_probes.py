@@ -40,6 +40,7 @@ n_images: int = 120  # images to use (the first n of the cohort's metadata order
 seed: int = 0  # seed for the cohort, folds and bootstrap
 n_splits: int = 5  # outer cross-validation folds (grouped by patient)
 n_boot: int = 1000  # bootstrap replicates for the 95% CIs
+show_pixels: bool = False  # allow figures of a credentialed cohort's pixels (only where the data use agreement allows)
 output_dir: str = "book/_generated/figures/disease_probes"  # where figures and tables are written
 
 # %%
@@ -73,7 +74,7 @@ print("labels:", task_labels, "| produced with:", provenance)
 # only: credentialed cohorts' pixels are never shown).
 
 # %%
-if data.pixels_public:
+if data.pixels_public or show_pixels:
     md = data.metadata.iloc[:n_images]
     picks = []
     for t in task_labels:
@@ -83,6 +84,15 @@ if data.pixels_public:
                             [f"{md.image_id[i]}\n" + ", ".join(f"{t}={int(md.loc[i, t])}" for t in task_labels if md.loc[i, t] == md.loc[i, t]) for i in picks],
                             ncols=4, suptitle=f"{data.name}: examples ({provenance})")
     report.publish_figure(fig, "fig-disease-examples", output_dir)
+else:
+    report.glue("fig-disease-examples", f"{data.name}: pixels not shown (credentialed cohort)")
+
+# %% [markdown]
+# ```{glue:figure} fig-disease-examples
+# :name: fig-disease-examples
+#
+# Examples of the globally decided findings in the cohort, with their labels.
+# ```
 
 # %% [markdown]
 # ## One forward pass per image, then one probe per label and pooling mode
@@ -115,6 +125,13 @@ report.publish_table(shown, "tab-disease-auc", output_dir)
 report.save_table(table, "tab-disease-auc-raw", output_dir)
 report.write_summary(table.assign(analysis="disease: " + table["label"], what="label present vs absent"), output_dir)
 shown
+
+# %% [markdown]
+# ```{glue:figure} fig-disease-auc
+# :name: fig-disease-auc
+#
+# AUC (95% patient-cluster bootstrap CI) of `cls` and `patch_mean` probes for each label and encoder. The figure title says what cohort and encoders produced it.
+# ```
 
 # %% [markdown]
 # ## Paired comparison: `patch_mean` against `cls`

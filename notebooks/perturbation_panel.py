@@ -102,7 +102,16 @@ if data.pixels_public or show_pixels:
                             suptitle=f"Every cell of panel {cells.name!r} on {data.metadata.image_id[0]} ({provenance})")
     report.publish_figure(fig, "fig-perturbation-cells", output_dir)
 else:
-    print(f"{data.name}: pixels not shown (credentialed cohort); pass show_pixels=True only where your data use agreement allows")
+    note = f"{data.name}: pixels not shown (credentialed cohort); pass show_pixels=True only where your data use agreement allows"
+    report.glue("fig-perturbation-cells", note)
+    print(note)
+
+# %% [markdown]
+# ```{glue:figure} fig-perturbation-cells
+# :name: fig-perturbation-cells
+#
+# Every cell of the panel on one base image, cropped around the perturbation; the red box is the region `roi_local` pools in both arms.
+# ```
 
 # %% [markdown]
 # ## One forward pass per image, three pooling modes, one probe per cell
@@ -140,6 +149,13 @@ shown = table.assign(**{"AUC [95% CI]": report.with_ci(table)}).pivot_table(
 shown.columns.name = None
 report.publish_table(shown, "tab-perturbation-auc", output_dir)
 shown
+
+# %% [markdown]
+# ```{glue:figure} fig-perturbation-auc
+# :name: fig-perturbation-auc
+#
+# AUC (95% patient-cluster bootstrap CI) of perturbed vs unperturbed, per encoder (panel), cell (x) and pooling mode (colour). The figure title says what cohort and encoders produced it.
+# ```
 
 # %% [markdown]
 # ## Paired comparisons: `roi_local` and `patch_mean` against `cls`

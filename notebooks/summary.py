@@ -46,6 +46,13 @@ fig = report.auc_by_pooling_figure(ours, x="encoder", col="analysis", title="AUC
 report.publish_figure(fig, "fig-summary-headline", output_dir)
 
 # %% [markdown]
+# ```{glue:figure} fig-summary-headline
+# :name: fig-summary-headline
+#
+# Headline AUC by pooling mode, per encoder (x) and analysis (panel), collected from this build's chapters; how they were produced is in the figure title.
+# ```
+
+# %% [markdown]
 # ## One table per analysis
 # AUC with its 95% bootstrap CI for each encoder (rows) and pooling mode (columns).
 
