@@ -218,12 +218,42 @@ def _variance(v10: np.ndarray, v01: np.ndarray) -> float:
     return _scatter1(v10) / (m * (m - 1.0)) + _scatter1(v01) / (n * (n - 1.0))
 
 
-def delong(y_true, score, method: str = "wald", level: float = 0.95) -> AUCResult:
+def _cluster_codes(groups, y: np.ndarray, what: str = "y_true") -> np.ndarray:
+    g = np.asarray(groups)
+    if g.shape != y.shape:
+        raise ValueError(f"groups has {g.shape[0]} rows but {what} has {y.shape[0]}; pass one patient id per row.")
+    if pd.isna(g).any():
+        raise ValueError("groups has missing patient ids; fill them (e.g. with the image id) first.")
+    return np.unique(g, return_inverse=True)[1].reshape(-1)
+
+
+def _clustered_variance(y: np.ndarray, codes: np.ndarray, theta: float, v10: np.ndarray, v01: np.ndarray) -> float:
+    """Obuchowski's (1997) variance of a placement-based AUC (or AUC difference) with clusters.
+
+    Per cluster i: a_i = sum of its positives' V10 - m_i * theta, b_i = sum of its
+    negatives' V01 - n_i * theta. var = I / (I - 1) * sum_i (a_i / M + b_i / N)^2, which is
+    Obuchowski's S10 / M + S01 / N + 2 S11 / (M N) written as one sum (a cluster-robust
+    sandwich: a patient's positive and negative images may be correlated).
+    """
+    n_cl = int(codes.max()) + 1
+    if n_cl < 2:
+        raise ValueError("a clustered DeLong variance needs at least two patients (groups).")
+    m, n = v10.shape[0], v01.shape[0]
+    a = np.bincount(codes[y], weights=v10 - theta, minlength=n_cl)
+    b = np.bincount(codes[~y], weights=v01 - theta, minlength=n_cl)
+    t = a / m + b / n
+    return float(n_cl / (n_cl - 1.0) * np.dot(t, t))
+
+
+def delong(y_true, score, method: str = "wald", level: float = 0.95, *, groups=None) -> AUCResult:
     """AUC with DeLong variance and a ``level`` CI.
 
     method: "wald" (AUC +/- z*SE, clipped to [0, 1], as pROC's ci.auc) or "logit"
     (Wald on logit(AUC) by the delta method, back-transformed; stays inside (0, 1)).
-    DeLong et al. 1988, Biometrics 44:837; placements by Sun & Xu 2014.
+    groups: one patient id per row; when given, the variance is Obuchowski's clustered
+    DeLong variance (several images of one patient are not independent draws).
+    DeLong et al. 1988, Biometrics 44:837; placements by Sun & Xu 2014; clusters:
+    Obuchowski 1997, Biometrics 53:567.
     """
     if method not in ("wald", "logit"):
         raise ValueError(f"method must be 'wald' or 'logit'; got {method!r}")
@@ -233,7 +263,10 @@ def delong(y_true, score, method: str = "wald", level: float = 0.95) -> AUCResul
     s = _as_score(score, y.shape[0])
     m, n = _check_classes(y, need=2, what="a DeLong variance")
     a, v10, v01 = _placements(y, s)
-    var = _variance(v10, v01)
+    if groups is None:
+        var = _variance(v10, v01)
+    else:
+        var = _clustered_variance(y, _cluster_codes(groups, y), a, v10, v01)
     zq = float(ndtri(0.5 + level / 2.0))
     se = math.sqrt(var)
     if se == 0.0:
@@ -510,12 +543,7 @@ def bootstrap_auc(
     cl_pos = cl_neg = None
     n_groups = None
     if groups is not None:
-        g = np.asarray(groups)
-        if g.shape != y.shape:
-            raise ValueError(f"groups has {g.shape[0]} rows but y_true has {y.shape[0]}; pass one patient id per row.")
-        if pd.isna(g).any():
-            raise ValueError("groups has missing patient ids; fill them (e.g. with the image id) before resampling.")
-        codes = np.unique(g, return_inverse=True)[1].reshape(-1)
+        codes = _cluster_codes(groups, y)
         n_groups = int(codes.max()) + 1
         cl_pos, cl_neg = codes[y], codes[~y]
 
@@ -794,7 +822,9 @@ def auc_table(
     ``auc_table(oof, ["cls", "patch_mean", "roi_local"], "label",
     by=["encoder", "cell"], score_name="pooling", group_col="patient_id")``.
     method: "percentile" or "bca" (bootstrap, see :func:`bootstrap_auc`) or "delong"
-    (DeLong Wald interval, no resampling). Each stratum's seed derives from ``seed`` and
+    (DeLong Wald interval, no resampling). group_col: patient ids; the bootstrap then
+    resamples whole patients and "delong" uses Obuchowski's clustered variance (see
+    :func:`delong`), so no method ignores the patients. Each stratum's seed derives from ``seed`` and
     the stratum's name, so results do not depend on which other strata are present.
     dropna: drop rows whose score is NaN (e.g. roi_local for images without a box)
     instead of raising.
@@ -808,7 +838,7 @@ def auc_table(
             y, s = sub[label_col].to_numpy(), sub[col].to_numpy()
             try:
                 if method == "delong":
-                    r = delong(y, s, level=ci)
+                    r = delong(y, s, level=ci, groups=None if group_col is None else sub[group_col].to_numpy())
                     lo, hi, nb = r.ci[0], r.ci[1], 0
                     a, m, n = r.auc, r.n_pos, r.n_neg
                 else:
@@ -840,8 +870,13 @@ def compare_table(
     *,
     family=None,
     dropna: bool = False,
+    group_col: str | None = None,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
-    """Paired DeLong tests per stratum, BH-adjusted within each declared family.
+    """Paired AUC comparisons per stratum, BH-adjusted within each declared family.
 
     df: one row per image with one score column per pooling mode (the same rows and
     folds for each, so the test is paired). pairs: (a, b) column pairs, tested as
@@ -850,6 +885,16 @@ def compare_table(
     family: columns (from ``by``, or "a"/"b") whose values split the rows into separate
     BH families; None makes the whole table one family. The family is part of the
     analysis plan: declare it before looking at p-values.
+
+    group_col: patient ids. Where a stratum has a patient with several rows, the
+    comparison is the patient-cluster bootstrap of the paired difference
+    (:func:`bootstrap_auc` with ``score_b`` and ``groups``, ``n_boot`` replicates): ``ci_low``
+    / ``ci_high`` are its percentile interval, ``se`` the SD of the bootstrap differences,
+    and ``z = delta / se`` with a two-sided normal p (a cluster-robust Wald test). The p is
+    taken from z rather than from the share of replicates past 0 because that share
+    cannot go below 1 / n_boot, and the book prints p far smaller (``log10_p``). Where
+    every patient has one row (or without group_col) it is DeLong's paired test with a
+    Wald CI of the difference. ``method`` says which was used per row.
     DeLong et al. 1988; Benjamini & Hochberg 1995.
     """
     score_cols, by, family = _as_list(score_cols), _as_list(by), _as_list(family)
@@ -859,22 +904,34 @@ def compare_table(
         pairs = [(c, score_cols[0]) for c in score_cols[1:]]
     pairs = [tuple(p) for p in pairs]
     used = sorted({c for p in pairs for c in p}, key=str)
-    _check_columns(df, used + [label_col] + by, "columns")
+    _check_columns(df, used + [label_col] + by + _as_list(group_col), "columns")
     bad_family = [c for c in family if c not in by + ["a", "b"]]
     if bad_family:
         raise ValueError(f"family columns {bad_family} must be among by={by} or 'a'/'b'.")
+    zq = float(ndtri(0.5 + ci / 2.0))
     rows = []
     for key, part in _iter_strata(df, by):
         for a, b in pairs:
             sub = part.dropna(subset=[a, b]) if dropna else part
+            y, sa, sb = sub[label_col].to_numpy(), sub[a].to_numpy(), sub[b].to_numpy()
+            g = None if group_col is None else sub[group_col].to_numpy()
             try:
-                r = delong_paired(sub[label_col].to_numpy(), sub[a].to_numpy(), sub[b].to_numpy())
+                if g is not None and pd.Series(g).duplicated().any():
+                    row = _cluster_bootstrap_comparison(y, sa, sb, g, n_boot=n_boot, ci=ci,
+                                                        seed=_stratum_seed(seed, key, f"{a} vs {b}"), n_jobs=n_jobs)
+                else:
+                    r = delong_paired(y, sa, sb)
+                    half = zq * r.se_delta
+                    row = {"auc_a": r.auc_a, "auc_b": r.auc_b, "delta": r.delta, "se": r.se_delta,
+                           "ci_low": max(-1.0, r.delta - half), "ci_high": min(1.0, r.delta + half), "z": r.z,
+                           "p_value": r.p_value, "log10_p": r.log10_p, "n_pos": r.n_pos, "n_neg": r.n_neg,
+                           "method": "delong", "n_boot": 0}
             except ValueError as err:
                 raise ValueError(f"stratum {_stratum_label(key)}, pair {a!r} vs {b!r}: {err}") from err
-            rows.append({**key, "a": a, "b": b, "auc_a": r.auc_a, "auc_b": r.auc_b, "delta": r.delta,
-                         "se": r.se_delta, "z": r.z, "p_value": r.p_value, "log10_p": r.log10_p,
-                         "n_pos": r.n_pos, "n_neg": r.n_neg})
-    cols = by + ["a", "b", "auc_a", "auc_b", "delta", "se", "z", "p_value", "log10_p", "p_adj", "family", "n_pos", "n_neg"]
+            n_groups = len(pd.unique(g)) if g is not None else row["n_pos"] + row["n_neg"]
+            rows.append({**key, "a": a, "b": b, **row, "n_groups": n_groups})
+    cols = by + ["a", "b", "auc_a", "auc_b", "delta", "se", "z", "p_value", "log10_p", "p_adj", "family", "n_pos",
+                 "n_neg", "ci_low", "ci_high", "method", "n_boot", "n_groups"]
     out = pd.DataFrame(rows, columns=[c for c in cols if c not in ("p_adj", "family")])
     if out.empty:
         return pd.DataFrame(columns=cols)
@@ -886,3 +943,20 @@ def compare_table(
     for _, idx in out.groupby("family", sort=False).groups.items():
         out.loc[idx, "p_adj"] = fdr_bh(out.loc[idx, "p_value"].to_numpy())
     return out[cols]
+
+
+def _cluster_bootstrap_comparison(y, sa, sb, groups, *, n_boot: int, ci: float, seed, n_jobs) -> dict:
+    """One compare_table row from the patient-cluster bootstrap of ``auc(sa) - auc(sb)``."""
+    r = bootstrap_auc(y, sa, score_b=sb, groups=groups, n_boot=n_boot, ci=ci, seed=seed, n_jobs=n_jobs)
+    diffs = r.replicates[:, 0] - r.replicates[:, 1]
+    diffs = diffs[np.isfinite(diffs)]
+    se = float(np.std(diffs, ddof=1)) if diffs.shape[0] > 1 else float("nan")
+    delta = float(r.difference)
+    if not se > 0.0:  # identical scores on every replicate
+        z, log_p = (0.0, 0.0) if delta == 0.0 else (math.copysign(math.inf, delta), -math.inf)
+    else:
+        z = delta / se
+        log_p = min(0.0, _two_sided_log_p(z))
+    return {"auc_a": r.auc, "auc_b": r.auc_b, "delta": delta, "se": se, "ci_low": r.diff_ci_low,
+            "ci_high": r.diff_ci_high, "z": z, "p_value": math.exp(log_p), "log10_p": log_p / _LN10,
+            "n_pos": r.n_pos, "n_neg": r.n_neg, "method": "cluster_bootstrap", "n_boot": r.n_boot}

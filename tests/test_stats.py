@@ -636,3 +636,106 @@ def test_permutation_floor_within_source_images():
     assert 0.3 < res.null_mean < 0.7 and res.p_value > 0.05
     with pytest.raises(ValueError, match="permute='within'"):
         stats.permutation_floor(X, y, src, n_permutations=2, permute="between")
+
+
+# -- patient clusters: clustered DeLong and clustered paired comparisons ---------------------
+def _clustered(seed=0, n_pat=300):
+    """Patients with 1-4 images each, a patient-level label and a shared patient effect."""
+    rng = np.random.default_rng(seed)
+    k = rng.integers(1, 5, n_pat)
+    g = np.repeat(np.arange(n_pat), k)
+    y = (rng.random(n_pat) < 0.3)[g].astype(int)
+    # a few mixed patients: one image of a positive patient is negative
+    first = np.r_[0, np.cumsum(k)[:-1]]
+    flip = first[(k > 1) & (rng.random(n_pat) < 0.2)]
+    y[flip] = 1 - y[flip]
+    patient = rng.normal(size=n_pat)[g]
+    a = 0.8 * y + patient + 0.5 * rng.normal(size=g.shape[0])
+    # b has its own patient effect, so the paired difference is correlated within patients too
+    b = 0.5 * y + rng.normal(size=n_pat)[g] + 0.5 * rng.normal(size=g.shape[0])
+    return y, a, b, g
+
+
+def _obuchowski_naive(y, s, g):
+    """Obuchowski 1997 eqs. written out with the O(M N) kernel matrix (independent of the library)."""
+    y = np.asarray(y).astype(bool)
+    X, Y = s[y], s[~y]
+    psi = (X[:, None] > Y[None, :]) + 0.5 * (X[:, None] == Y[None, :])
+    M, N = X.shape[0], Y.shape[0]
+    theta = psi.mean()
+    vx, vy = psi.mean(1), psi.mean(0)  # V10 per positive, V01 per negative
+    clusters = np.unique(g)
+    I = clusters.shape[0]
+    VX = np.array([vx[g[y] == c].sum() for c in clusters])
+    VY = np.array([vy[g[~y] == c].sum() for c in clusters])
+    mi = np.array([(g[y] == c).sum() for c in clusters])
+    ni = np.array([(g[~y] == c).sum() for c in clusters])
+    S10 = I / ((I - 1) * M) * ((VX - mi * theta) ** 2).sum()
+    S01 = I / ((I - 1) * N) * ((VY - ni * theta) ** 2).sum()
+    S11 = I / (I - 1) * ((VX - mi * theta) * (VY - ni * theta)).sum()
+    return theta, S10 / M + S01 / N + 2 * S11 / (M * N)
+
+
+def test_clustered_delong_matches_obuchowski_formula():
+    y, a, _, g = _clustered(1, n_pat=120)
+    a = np.round(a, 1)  # ties
+    r = stats.delong(y, a, groups=g)
+    theta, var = _obuchowski_naive(y, a, g)
+    assert r.auc == pytest.approx(theta, abs=1e-12) and r.variance == pytest.approx(var, rel=1e-10)
+    # one image per patient: Obuchowski's I/(I-1) factor instead of DeLong's (m-1, n-1), nearly equal
+    rng = np.random.default_rng(2)
+    y1 = (rng.random(400) < 0.3).astype(int)
+    s1 = y1 + rng.normal(size=400)
+    ratio = stats.delong(y1, s1, groups=np.arange(400)).variance / stats.delong(y1, s1).variance
+    assert ratio == pytest.approx(1.0, abs=0.01)
+
+
+def test_clustered_delong_agrees_with_the_cluster_bootstrap():
+    y, a, _, g = _clustered(3, n_pat=400)
+    se_cluster = math.sqrt(stats.delong(y, a, groups=g).variance)
+    se_iid = math.sqrt(stats.delong(y, a).variance)
+    boot = stats.bootstrap_auc(y, a, groups=g, n_boot=4000, seed=5).replicates.std(ddof=1)
+    assert se_cluster == pytest.approx(boot, rel=0.08)
+    assert se_cluster > 1.15 * se_iid  # the patient effect is real: ignoring it understates the SE
+
+
+def test_auc_table_delong_uses_the_patient_groups():
+    # /tmp/rev/tab.py: method="delong" silently ignored group_col
+    y, a, b, g = _clustered(4, n_pat=150)
+    df = pd.DataFrame({"label": y, "cls": a, "pid": g})
+    tab = stats.auc_table(df, ["cls"], "label", method="delong", group_col="pid")
+    ref = stats.delong(y, a, groups=g)
+    assert (tab.ci_low.iloc[0], tab.ci_high.iloc[0]) == pytest.approx(ref.ci, abs=1e-12)
+    plain = stats.auc_table(df, ["cls"], "label", method="delong")
+    assert tab.ci_high.iloc[0] - tab.ci_low.iloc[0] > plain.ci_high.iloc[0] - plain.ci_low.iloc[0]
+
+
+def test_compare_table_cluster_bootstrap_with_patient_groups():
+    y, a, b, g = _clustered(5, n_pat=200)
+    df = pd.DataFrame({"label": y, "patch_mean": a, "cls": b, "pid": g})
+    tab = stats.compare_table(df, ["cls", "patch_mean"], "label", group_col="pid", n_boot=1000, seed=7)
+    row = tab.iloc[0]
+    assert row.method == "cluster_bootstrap" and row.n_boot == 1000 and row.n_groups == 200
+    ref = stats.bootstrap_auc(y, a, score_b=b, groups=g, n_boot=1000, seed=stats._stratum_seed(7, {}, "patch_mean vs cls"))
+    d = ref.replicates[:, 0] - ref.replicates[:, 1]
+    assert (row.ci_low, row.ci_high) == pytest.approx(ref.diff_ci, abs=1e-12)
+    assert row.delta == pytest.approx(ref.difference) and row.se == pytest.approx(d.std(ddof=1))
+    assert row.z == pytest.approx(row.delta / row.se)
+    assert row.p_value == pytest.approx(2 * norm.sf(abs(row.z))) and row.log10_p == pytest.approx(math.log10(row.p_value))
+    # the clustered SE is larger than DeLong's, which treats every image as its own patient
+    plain = stats.compare_table(df, ["cls", "patch_mean"], "label").iloc[0]
+    assert plain.method == "delong" and row.se > 1.1 * plain.se and row.delta == pytest.approx(plain.delta)
+
+
+def test_compare_table_one_image_per_patient_stays_delong_and_tiny_p_is_printable():
+    rng = np.random.default_rng(6)
+    y = np.r_[np.ones(3000), np.zeros(3000)].astype(int)
+    df = pd.DataFrame({"label": y, "roi_local": y + 0.2 * rng.normal(size=6000), "cls": rng.normal(size=6000),
+                       "pid": np.arange(6000)})
+    tab = stats.compare_table(df, ["cls", "roi_local"], "label", group_col="pid")
+    ref = stats.delong_paired(y, df.roi_local, df.cls)
+    row = tab.iloc[0]
+    assert row.method == "delong" and row.n_boot == 0
+    assert (row.z, row.p_value, row.log10_p) == (ref.z, ref.p_value, ref.log10_p)
+    assert row.p_value == 0.0 and np.isfinite(row.log10_p) and row.log10_p < -300
+    assert row.ci_low == pytest.approx(ref.delta - 1.959963984540054 * ref.se_delta)
