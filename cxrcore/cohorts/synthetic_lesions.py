@@ -32,9 +32,10 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-import warnings
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
@@ -211,10 +212,17 @@ def _render_to(item: dict, size: int, tmp: str) -> dict:
     return {"file_name": item["file_name"], "split": split, "lesions": lesions}
 
 
+def _phantom_fingerprint() -> str:
+    """Checksum of the phantom's source: a cohort drawn by an older phantom is redrawn, not reused."""
+    from . import synthetic
+
+    return f"{zlib.crc32(Path(synthetic.__file__).read_bytes()):08x}"
+
+
 def _params(n_images, seed, size, lesion_free_fraction, test_fraction) -> dict:
     return {"n_images": int(n_images), "seed": int(seed), "size": int(size),
             "lesion_free_fraction": float(lesion_free_fraction), "test_fraction": float(test_fraction),
-            "generator_version": GENERATOR_VERSION}
+            "generator_version": GENERATOR_VERSION, "phantom": _phantom_fingerprint()}
 
 
 def _is_complete(root: Path, params: dict) -> bool:
