@@ -122,12 +122,15 @@ class Geometry:
         return x.squeeze(0)
 
 
-def make_geometry(src_hw: tuple[int, int], size: int, stride: int, mode: str = "pad_square") -> Geometry:
+def make_geometry(src_hw: tuple[int, int], size: int, stride: int, mode: str = "pad_square", *,
+                  resize_short: int | None = None) -> Geometry:
     """Build the :class:`Geometry` that takes an ``src_hw`` image to a ``size`` x ``size`` input.
 
     ``pad_square``: pad the shorter side symmetrically to a square, then resize
     (MedSigLIP's official pipeline). ``center_crop``: resize the shortest edge to
-    ``size``, then centre-crop (the Hugging Face DINOv2 / RAD-DINO processors).
+    ``size`` (or ``resize_short``, e.g. timm's ``floor(size / crop_pct)``), then
+    centre-crop ``size`` with offsets ``(resized - size) // 2`` (the Hugging Face DINOv2 /
+    RAD-DINO processors; sizes truncated with int() as transformers and torchvision do).
     ``resize``: stretch to the square, aspect ratio not kept.
     """
     h, w = int(src_hw[0]), int(src_hw[1])
@@ -147,10 +150,15 @@ def make_geometry(src_hw: tuple[int, int], size: int, stride: int, mode: str = "
         return Geometry(mode, (h, w), (size, size), s, s, left * s, top * s, stride,
                         pad=(left, m - w - left, top, m - h - top), resized_hw=(size, size), crop=(0, 0))
     if mode == "center_crop":
+        short = size if resize_short is None else int(resize_short)
+        if short < size:
+            raise ValueError(f"resize_short={short} is smaller than the crop {size}; it must be >= size")
+        # int(), not round(): transformers' get_resize_output_image_size and torchvision's
+        # resize both truncate the long side (int(short * long / short_side)), in this order.
         if h <= w:
-            rh, rw = size, max(size, int(round(w * size / h)))
+            rh, rw = short, int(short * w / h)
         else:
-            rh, rw = max(size, int(round(h * size / w))), size
+            rh, rw = int(short * h / w), short
         top, left = (rh - size) // 2, (rw - size) // 2
         sx, sy = rw / w, rh / h
         return Geometry(mode, (h, w), (size, size), sx, sy, -float(left), -float(top), stride,

@@ -132,3 +132,32 @@ def test_box_outside_the_input_is_an_error_that_names_the_box():
     g = make_geometry((100, 400), 224, 16, "center_crop")  # crops the left and right ends away
     with pytest.raises(ValueError, match="touches no patch cell"):
         g.cells([0, 0, 20, 50])
+
+
+@pytest.mark.parametrize("hw", [(1024, 1280), (3000, 2022), (2544, 3056), (700, 1000)])
+def test_center_crop_matches_the_hf_image_processor(hw):
+    # /tmp/rev/resize.py: round() gave 648 for 1024x1280 where transformers and torchvision give 647.
+    from PIL import Image
+    from transformers import BitImageProcessor
+    from transformers.image_transforms import get_resize_output_image_size
+
+    h, w = hw
+    g = make_geometry(hw, 518, 14, "center_crop")
+    assert g.resized_hw == tuple(get_resize_output_image_size(np.zeros((h, w, 3), np.uint8), size=518,
+                                                                default_to_square=False))
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = ((np.sin(xx / 37.0) * np.cos(yy / 23.0) + 1) * 127.5).astype(np.uint8)  # smooth, no symmetry
+    common = dict(do_resize=True, size={"shortest_edge": 518}, resample=Image.BICUBIC, do_rescale=True,
+                  rescale_factor=1 / 255, do_normalize=False, do_convert_rgb=True)
+    pil = Image.fromarray(img).convert("RGB")
+    resized = BitImageProcessor(**common, do_center_crop=False)(images=pil, return_tensors="pt")["pixel_values"]
+    assert tuple(resized.shape[-2:]) == g.resized_hw
+    ref = BitImageProcessor(**common, do_center_crop=True, crop_size={"height": 518, "width": 518})(
+        images=pil, return_tensors="pt")["pixel_values"][0, 0]
+    ours = g.apply(torch.from_numpy(img.astype(np.float32) / 255)[None], "bicubic")[0]
+    assert ours.shape == ref.shape == (518, 518)
+    err = (ours - ref).abs().mean().item()
+    # same crop window: far closer than a one-pixel shift in either direction
+    shifted = min((ours[:, 1:] - ref[:, :-1]).abs().mean().item(), (ours[1:] - ref[:-1]).abs().mean().item(),
+                  (ours[:, :-1] - ref[:, 1:]).abs().mean().item(), (ours[:-1] - ref[1:]).abs().mean().item())
+    assert err < 0.01 and err < shifted / 3, (err, shifted)
