@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless everywhere: CI, papermill, clusters
+# tqdm's notice that Jupyter widgets are missing is noise on a rendered page
+warnings.filterwarnings("ignore", message="IProgress not found")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

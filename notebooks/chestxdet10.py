@@ -340,10 +340,10 @@ wide
 # ## Box level: `roi_local`, lesion box vs matched control
 # One probe per (encoder, class) on the `roi_local` embeddings of the lesion boxes and
 # their controls; folds are grouped by image, so a lesion and its control are never split
-# between training and test. CIs: a bootstrap that resamples whole images (a lesion and its
-# control stay together), and DeLong's. The DeLong z-test asks whether the AUC differs
-# from 0.5; its p-values are BH-adjusted over the (encoder x class) family. DeLong treats
-# boxes as independent, so where they share an image the bootstrap CI is the one to read.
+# between training and test. Both CIs treat the image as the unit: a bootstrap that
+# resamples whole images (a lesion and its control stay together), and DeLong's with
+# Obuchowski's (1997) clustered variance. The DeLong z-test asks whether the AUC differs
+# from 0.5; its p-values are BH-adjusted over the (encoder x class) family.
 
 # %%
 box_rows, oof_box = [], {}
@@ -360,7 +360,7 @@ for key in encoders:
         s = out_of_fold_scores(emb[key]["roi_local"][sel], y, groups, folds=grouped_folds(y, groups, n_splits=k, seed=seed))
         oof_box[key, c] = s
         b = bootstrap_auc(y, s, n_boot=n_boot, seed=seed, groups=groups)
-        dl = delong(y, s)
+        dl = delong(y, s, groups=groups)  # Obuchowski's clustered variance: boxes of one image are not independent
         z = (dl.auc - 0.5) / dl.se if dl.se > 0 else np.inf
         row = {"encoder": key, "class": c, "pooling": "roi_local", "auc": b.auc, "ci_low": b.ci_low, "ci_high": b.ci_high,
                "delong_low": dl.ci[0], "delong_high": dl.ci[1], "z_vs_chance": z, "p_value": float(2 * norm.sf(abs(z))),

@@ -112,7 +112,7 @@ table = auc_table(oof, ["cls", "patch_mean"], "y", by=["encoder", "label"], scor
 table["produced_with"] = provenance
 # family: every (encoder x label) comparison on this page
 tests = compare_table(oof, ["cls", "patch_mean"], "y", pairs=[("patch_mean", "cls")], by=["encoder", "label"],
-                      group_col="patient_id", seed=seed)
+                      group_col="patient_id", n_boot=n_boot, seed=seed)
 
 # %% [markdown]
 # ## AUC by encoder, label and pooling mode

@@ -166,7 +166,7 @@ shown
 
 # %%
 tests = compare_table(oof, list(POOLING_MODES), "arm", pairs=[("roi_local", "cls"), ("patch_mean", "cls")],
-                      by=["encoder", "cell"], family=["a", "b"], group_col="patient_id", seed=seed)
+                      by=["encoder", "cell"], family=["a", "b"], group_col="patient_id", n_boot=n_boot, seed=seed)
 report.publish_table(tests, "tab-perturbation-delong", output_dir, floatfmt="{:.3g}")
 tests
 
