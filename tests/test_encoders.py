@@ -254,3 +254,45 @@ def test_bfloat16_is_an_autocast_option_and_other_dtypes_are_refused():
     enc = load_encoder("biomedclip", stand_in=True, dtype=torch.bfloat16)
     out = enc.encode(_images(224)[:1])
     assert out.cls.dtype == np.float32 and next(enc.model.parameters()).dtype == torch.float32
+
+
+def test_timm_wrapper_honours_pretrained_cfg_crop_pct():
+    import math
+
+    import timm
+
+    name = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    with torch.device("meta"):
+        cfg = timm.create_model(name, pretrained=False).pretrained_cfg
+    assert cfg["crop_pct"] == 0.9
+    spec = encoder_spec(f"timm:{name}")
+    assert spec.mean == tuple(cfg["mean"]) and spec.std == tuple(cfg["std"]) and spec.interpolation == cfg["interpolation"]
+    enc = load_encoder(f"timm:{name}", stand_in=True)
+    g = enc.geometry_for((1024, 1280))
+    scale = math.floor(224 / 0.9)  # timm's eval transform: Resize(248) then CenterCrop(224)
+    assert g.resized_hw == (scale, int(scale * 1280 / 1024)) and g.input_hw == (224, 224)
+    assert g.crop == ((scale - 224) // 2, (int(scale * 1280 / 1024) - 224) // 2)
+
+
+def test_hf_wrapper_follows_the_models_processor(stand_ins, tmp_path, monkeypatch):
+    from transformers import BitImageProcessor, DINOv3ViTImageProcessor
+
+    from cxrcore.encoders.hf import processor_geometry
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # no preprocessor_config.json: DINOv3's own processor class stretches to the size, bilinear
+    stand_ins("dinov3-vit7b16").model.save_pretrained(tmp_path / "v3")
+    spec = encoder_spec(f"hf:{tmp_path / 'v3'}")
+    assert (spec.geometry, spec.interpolation) == ("resize", "bilinear")
+    # with the published processor saved beside the model, its config is read
+    DINOv3ViTImageProcessor().save_pretrained(tmp_path / "v3b")
+    stand_ins("dinov3-vit7b16").model.save_pretrained(tmp_path / "v3b")
+    spec = encoder_spec(f"hf:{tmp_path / 'v3b'}")
+    assert (spec.geometry, spec.interpolation) == ("resize", "bilinear")
+    stand_ins("rad-dino").model.save_pretrained(tmp_path / "v2")
+    BitImageProcessor(size={"shortest_edge": 518}, crop_size={"height": 518, "width": 518}, do_center_crop=True,
+                      resample=3, image_mean=[0.5307] * 3, image_std=[0.2583] * 3).save_pretrained(tmp_path / "v2")
+    spec = encoder_spec(f"hf:{tmp_path / 'v2'}")
+    assert (spec.geometry, spec.interpolation, spec.mean) == ("center_crop", "bicubic", (0.5307,) * 3)
+    assert processor_geometry({"size": {"height": 448, "width": 448}, "resample": 3}, ("pad_square", "bilinear")) \
+        == ("resize", "bicubic")

@@ -125,6 +125,51 @@ HF_MODEL_TYPES = {
 }
 
 
+#: model_type -> (geometry, interpolation) of the image processor class transformers
+#: publishes for it, used when the model's own preprocessor_config.json is not at hand
+#: offline: DINOv2's BitImageProcessor resizes the shortest edge and centre-crops (bicubic);
+#: DINOv3ViTImageProcessor, SiglipImageProcessor and ViTImageProcessor stretch to the size
+#: (bilinear).
+HF_PROCESSOR_DEFAULTS = {
+    "dinov2": ("center_crop", "bicubic"),
+    "dinov2_with_registers": ("center_crop", "bicubic"),
+    "dinov3_vit": ("resize", "bilinear"),
+    "siglip_vision_model": ("resize", "bilinear"),
+    "siglip": ("resize", "bilinear"),
+    "vit": ("resize", "bilinear"),
+}
+# PIL resample codes in preprocessor_config.json -> torch interpolation modes
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def processor_geometry(proc: dict[str, Any], default: tuple[str, str]) -> tuple[str, str]:
+    """(geometry, interpolation) that a transformers ``preprocessor_config.json`` describes.
+
+    ``size: {shortest_edge}`` with ``do_center_crop`` is ``center_crop``; ``size: {height,
+    width}`` without a crop is a stretch (``resize``); anything else keeps ``default``.
+    ``resample`` (a PIL code) gives the interpolation.
+    """
+    size = proc.get("size")
+    size = {"shortest_edge": size} if isinstance(size, int) else dict(size or {})
+    crop = bool(proc.get("do_center_crop", False))
+    geometry = default[0]
+    if size.get("shortest_edge") and crop:
+        geometry = "center_crop"
+    elif size.get("height") and size.get("width") and not crop:
+        geometry = "resize"
+    return geometry, _PIL_RESAMPLE.get(proc.get("resample"), default[1])
+
+
+def _processor_dict(model_id: str) -> dict[str, Any] | None:
+    """The model's own preprocessor_config.json (local directory or HF cache), or None offline."""
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    try:
+        return ImageProcessingMixin.get_image_processor_dict(_resolve_hf_dir(model_id), trust_remote_code=False)[0]
+    except (OSError, ValueError):  # no processor file here, or not cached and offline: the family default applies
+        return None
+
+
 def hf_spec(key: str) -> EncoderSpec:
     """Spec of ``hf:<model id>``, read from its config (from the Hugging Face cache or the hub)."""
     from transformers import AutoConfig
@@ -149,19 +194,17 @@ def hf_spec(key: str) -> EncoderSpec:
     patch = cfg.patch_size[0] if isinstance(cfg.patch_size, (list, tuple)) else int(cfg.patch_size)
     size = int(cfg.image_size[0] if isinstance(cfg.image_size, (list, tuple)) else cfg.image_size)
     siglip = family == "siglip"
-    # normalisation: the model's own preprocessor_config.json where cached, else the family's convention
+    # normalisation and geometry: the model's own preprocessor_config.json where it is at hand,
+    # else what transformers' processor class for this model type does
     mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    try:
-        from transformers import AutoImageProcessor
-
-        proc = AutoImageProcessor.from_pretrained(_resolve_hf_dir(model_id), trust_remote_code=False)
-        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
-    except Exception:  # noqa: BLE001 - a missing processor only means the family default applies
-        pass
+    geometry, interpolation = HF_PROCESSOR_DEFAULTS[mtype]
+    proc = _processor_dict(model_id)
+    if proc is not None:
+        mean, std = tuple(proc.get("image_mean", mean)), tuple(proc.get("image_std", std))
+        geometry, interpolation = processor_geometry(proc, (geometry, interpolation))
     return EncoderSpec(
         key=key, family=family, weights=model_id, input_size=size, patch_size=patch, embed_dim=int(cfg.hidden_size),
-        mean=mean, std=std, geometry="pad_square" if siglip else "center_crop",
-        interpolation="bilinear" if siglip else "bicubic",
+        mean=mean, std=std, geometry=geometry, interpolation=interpolation,
         num_register_tokens=int(getattr(cfg, "num_register_tokens", 0) or 0), has_cls_token=not siglip,
         global_pool="pooler" if siglip else "cls", arch=arch,
         notes=f"generic wrapper of transformers model_type {mtype!r}",

@@ -3,19 +3,23 @@
 timm's own contract gives the token layout: ``forward_features`` returns all tokens
 after the final norm, the first ``num_prefix_tokens`` being CLS (if any) and registers;
 ``forward_head(pre_logits=True)`` is the model's own global embedding (CLS token,
-mean or attention pool, as the model was trained). Weights: timm's pretrained ones
+mean or attention pool, as the model was trained). Preprocessing follows the model's
+``pretrained_cfg``: mean, std, interpolation and ``crop_pct`` (shortest edge resized to
+``floor(size / crop_pct)``, then the centre ``size`` crop). Weights: timm's pretrained ones
 (from the Hugging Face hub, cache honoured), a local checkpoint file, or a directory
 written by :meth:`Encoder.save`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..geometry import Geometry, make_geometry
 from .base import Encoder, EncoderSpec, explain_load_failure, read_descriptor, seeded
 from .biomedclip import timm_set_input_size
 
@@ -45,12 +49,15 @@ def timm_spec(key: str) -> EncoderSpec:
     patch = int(m.patch_embed.patch_size[0])
     n_reg = int(getattr(m, "num_reg_tokens", 0))
     has_cls = getattr(m, "cls_token", None) is not None
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
     return EncoderSpec(
         key=key, family="timm_vit", weights=name, input_size=size, patch_size=patch, embed_dim=int(m.num_features),
         mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-        geometry="center_crop", interpolation=str(cfg.get("interpolation", "bicubic")),
+        geometry="resize" if cfg.get("crop_mode") == "squash" else "center_crop",
+        interpolation=str(cfg.get("interpolation", "bicubic")),
         num_register_tokens=n_reg, has_cls_token=has_cls, global_pool=str(getattr(m, "global_pool", "token")),
-        arch={"model_name": name}, notes="generic wrapper of a timm ViT; global = forward_head(pre_logits=True)",
+        arch={"model_name": name, "crop_pct": crop_pct},
+        notes=f"generic wrapper of a timm ViT; global = forward_head(pre_logits=True); crop_pct {crop_pct}",
     )
 
 
@@ -89,6 +96,19 @@ class TimmViTEncoder(Encoder):
     def build_meta(cls, spec: EncoderSpec) -> torch.nn.Module:
         with torch.device("meta"):
             return _create(spec.arch["model_name"])
+
+    def geometry_for(self, hw: tuple[int, int]) -> Geometry:
+        """timm's eval transform: shortest edge to ``floor(size / crop_pct)``, centre-crop ``size``.
+
+        The crop offset is ``(resized - size) // 2``; torchvision's CenterCrop rounds half
+        of an odd margin instead, so the window can sit one resized pixel away from timm's
+        own pipeline. The geometry records the window used, so boxes still map exactly.
+        """
+        if self.spec.geometry != "center_crop":
+            return super().geometry_for(hw)
+        crop_pct = float(self.spec.arch.get("crop_pct", 1.0))
+        return make_geometry(hw, self.input_size, self.patch_size, "center_crop",
+                             resize_short=math.floor(self.input_size / crop_pct))
 
     def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.model.forward_features(pixels)
