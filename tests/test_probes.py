@@ -182,3 +182,23 @@ def test_small_probe_is_fast():
     out_of_fold_scores(X, y, pid, folds=folds)
     per_fold = (time.perf_counter() - start) / 5
     assert per_fold < 1.0, f"{per_fold:.2f} s per fold at n=200, d=64"
+
+
+def test_more_features_than_rows_is_fitted_exactly_in_the_row_space():
+    # The representer theorem makes the reduced fit exact: same scores as fitting all 600 features.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from cxrcore.probes import LinearProbe
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(80, 600)).astype(np.float32)
+    y = (X[:, :5].sum(1) + rng.normal(size=80) > 0).astype(int)
+    probe = LinearProbe(Cs=(0.05,), max_iter=5000, tol=1e-10).fit(X, y)
+    assert probe.basis_ is not None and probe.basis_.shape[0] <= 80
+    Z = StandardScaler().fit_transform(X)
+    full = LogisticRegression(C=0.05, max_iter=5000, tol=1e-10).fit(Z, y)
+    Xt = rng.normal(size=(30, 600)).astype(np.float32)
+    ref = full.decision_function(probe.scaler_.transform(Xt))
+    np.testing.assert_allclose(probe.decision_function(Xt), ref, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(probe.coef_, full.coef_, atol=1e-3)
