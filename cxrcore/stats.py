@@ -391,6 +391,20 @@ class _Ranker:
         return cw[-1] - 0.5 * (cw[self.ulo] + cw[self.uhi])
 
 
+def _within_wins(pos: np.ndarray, neg: np.ndarray, cl_pos: np.ndarray, cl_neg: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per patient: positives above negatives within that patient (ties one half)."""
+    out = np.zeros(n_groups)
+    order_p, order_n = np.argsort(cl_pos, kind="stable"), np.argsort(cl_neg, kind="stable")
+    bp = np.searchsorted(cl_pos[order_p], np.arange(n_groups + 1))
+    bn = np.searchsorted(cl_neg[order_n], np.arange(n_groups + 1))
+    both = np.flatnonzero((np.diff(bp) > 0) & (np.diff(bn) > 0))
+    for g in both:  # patients hold a handful of images: a loop over patients, not pairs
+        p = pos[order_p[bp[g]:bp[g + 1]]][:, None]
+        q = neg[order_n[bn[g]:bn[g + 1]]][None, :]
+        out[g] = (p > q).sum() + 0.5 * (p == q).sum()
+    return out
+
+
 def _bootstrap_chunk(
     rankers: list[_Ranker],
     m: int,
@@ -411,16 +425,18 @@ def _bootstrap_chunk(
             for k, rk in enumerate(rankers):
                 out[r, k] = rk.above(w)[rk.key[drawn]].sum() / (float(m) * n)
         else:
-            strata, n_clusters, cl_pos, cl_neg = clusters
+            strata, n_clusters, cl_pos, cl_neg, within_pairs, within_wins = clusters
             counts = np.zeros(n_clusters)
             for members in strata:
                 counts += np.bincount(
                     members[rng.integers(0, members.shape[0], members.shape[0])], minlength=n_clusters
                 )
             w, u = counts[cl_pos], counts[cl_neg]
-            total = w.sum() * u.sum()
+            copies = counts * counts - counts  # copy-to-copy pairs of each patient drawn more than once
+            total = w.sum() * u.sum() - copies @ within_pairs
             for k, rk in enumerate(rankers):
-                out[r, k] = (u * rk.above(w)[rk.key]).sum() / total if total > 0 else np.nan
+                wins = (u * rk.above(w)[rk.key]).sum() - copies @ within_wins[k]
+                out[r, k] = wins / total if total > 0 else np.nan
     return out
 
 
@@ -566,7 +582,15 @@ def bootstrap_auc(
         has_pos = np.zeros(n_groups, dtype=bool)
         has_pos[cl_pos] = True
         strata = [s for s in (np.flatnonzero(has_pos), np.flatnonzero(~has_pos)) if s.shape[0] > 0]
-        clusters = (strata, n_groups, cp, cn)
+        # Within-patient (positive, negative) wins per patient and per score, and the number
+        # of such pairs. A patient drawn c times would otherwise contribute c**2 copies of
+        # its within-patient pairs (c of them real, c*(c-1) between copies of itself), so the
+        # replicates over-weight within-patient pairs and, in a paired design where those
+        # pairs differ from between-patient ones, are biased (percentile CIs that miss the
+        # estimate). Removing the copy-to-copy pairs keeps their share as in the sample.
+        within_pairs = np.bincount(cl_pos, minlength=n_groups) * np.bincount(cl_neg, minlength=n_groups)
+        within_wins = [_within_wins(sc[y], sc[~y], cl_pos, cl_neg, n_groups) for sc in scores]
+        clusters = (strata, n_groups, cp, cn, within_pairs.astype(np.float64), within_wins)
 
     n_chunks = -(-n_boot // _CHUNK)
     root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)

@@ -739,3 +739,22 @@ def test_compare_table_one_image_per_patient_stays_delong_and_tiny_p_is_printabl
     assert (row.z, row.p_value, row.log10_p) == (ref.z, ref.p_value, ref.log10_p)
     assert row.p_value == 0.0 and np.isfinite(row.log10_p) and row.log10_p < -300
     assert row.ci_low == pytest.approx(ref.delta - 1.959963984540054 * ref.se_delta)
+
+
+def test_cluster_bootstrap_does_not_overweight_within_patient_pairs():
+    # Paired design: each patient one negative and one positive that scores a hair higher.
+    # Between-patient pairs are a coin toss, within-patient pairs always won. Counting the
+    # pairs between two copies of a patient drawn twice would double the within-patient share
+    # and shift every replicate up by about (1/n) * 0.5, pushing the percentile CI off the estimate.
+    rng = np.random.default_rng(1)
+    outside = 0
+    for t in range(40):
+        n = 48
+        g = np.repeat(np.arange(n), 2)
+        y = np.tile([0, 1], n)
+        s = np.repeat(rng.normal(size=n), 2) + np.tile([0.0, 0.01], n)
+        b = stats.bootstrap_auc(y, s, n_boot=400, groups=g, seed=t)
+        outside += not (b.ci_low <= b.auc <= b.ci_high)
+        centre = 0.5 * (b.ci_low + b.ci_high)
+        assert abs(centre - b.auc) < 0.5 * (b.ci_high - b.ci_low) + 1e-3
+    assert outside == 0
