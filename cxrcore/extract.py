@@ -388,25 +388,7 @@ def encode_panel(cohort: Cohort, encoder: Encoder, cells: "Sequence[Perturbation
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=f"{encoder.key} panel", unit="img")
-    rows: list[dict] = []
-    feats: dict[str, list[np.ndarray]] = {m: [] for m in POOLING_MODES}
-    pending: list[Pass] = []
-
-    def flush() -> None:
-        r, f, _ = encode_batch(encoder, pending)
-        rows.extend(r)
-        for m in POOLING_MODES:
-            feats[m].append(f[m])
-        pending.clear()
-
-    for i in it:
-        pending.extend(load_item(cohort, i, panel.cells, seed=seed))
-        if len(pending) >= batch_size:
-            flush()
-    if pending:
-        flush()
-    meta = pd.DataFrame(rows)
-    return Embeddings(meta, {m: np.concatenate(v) for m, v in feats.items()})
+    return _encode_in_batches(encoder, (load_item(cohort, i, panel.cells, seed=seed) for i in it), batch_size)
 
 
 def encode_cohort(cohort: Cohort, encoder: Encoder, *, n_images: int | None = None, boxes: bool = False,
@@ -424,6 +406,11 @@ def encode_cohort(cohort: Cohort, encoder: Encoder, *, n_images: int | None = No
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=f"{encoder.key} {getattr(cohort, 'name', '')}", unit="img")
+    return _encode_in_batches(encoder, (load_item(cohort, i, (), boxes=by_image) for i in it), batch_size)
+
+
+def _encode_in_batches(encoder: Encoder, items: Iterable[list[Pass]], batch_size: int) -> Embeddings:
+    """Gather the forward passes of ``items`` into batches of about ``batch_size`` and encode each once."""
     rows: list[dict] = []
     feats: dict[str, list[np.ndarray]] = {m: [] for m in POOLING_MODES}
     pending: list[Pass] = []
@@ -435,8 +422,8 @@ def encode_cohort(cohort: Cohort, encoder: Encoder, *, n_images: int | None = No
             feats[m].append(f[m])
         pending.clear()
 
-    for i in it:
-        pending.extend(load_item(cohort, i, (), boxes=by_image))
+    for passes in items:
+        pending.extend(passes)
         if len(pending) >= batch_size:
             flush()
     if pending:

@@ -35,23 +35,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from .io import to_unit_float
+
 Box = tuple[int, int, int, int]
 Center = tuple[float, float]
 
 #: Fraction of each side that stands in for the lung field on real images without a mask.
 CENTRAL_REGION = (0.2, 0.8)
-
-
-def _as_unit_float(image: np.ndarray) -> np.ndarray:
-    """A float32 copy-free view of a grey image in [0, 1] (uint8 / uint16 scaled by their range)."""
-    a = np.asarray(image)
-    if a.ndim != 2:
-        raise ValueError(f"perturbations take a 2-D grey image [H, W], got shape {a.shape}")
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
-    if a.dtype == np.uint16:
-        return a.astype(np.float32) / 65535.0
-    return a.astype(np.float32, copy=False)
 
 
 def _disk(shape: tuple[int, int], center: Center, diameter: float) -> np.ndarray:
@@ -102,7 +92,7 @@ def iso_blur(image: np.ndarray, center: Center, diameter: float, sigma: float, *
     ``seed`` is accepted for a uniform signature; nothing here is random.
     """
     _check("iso_blur", diameter, sigma, strength_name="sigma")
-    img = _as_unit_float(image)
+    img = to_unit_float(image)
     pad = int(np.ceil(4 * sigma))
     return _blend(img, center, diameter, pad, lambda win: ndimage.gaussian_filter(win, sigma=sigma, mode="nearest"))
 
@@ -130,7 +120,7 @@ def directional_blur(image: np.ndarray, center: Center, diameter: float, length:
     _check("directional_blur", diameter, length, strength_name="blur length")
     if angle_deg is None:
         angle_deg = float(np.random.default_rng(seed).uniform(0.0, 180.0))
-    img = _as_unit_float(image)
+    img = to_unit_float(image)
     kernel = _line_kernel(length, angle_deg)
     pad = kernel.shape[0] // 2 + 1
     return _blend(img, center, diameter, pad, lambda win: ndimage.convolve(win, kernel, mode="nearest"))
@@ -147,7 +137,7 @@ def reticular_fine(image: np.ndarray, center: Center, diameter: float, amplitude
     _check("reticular_fine", diameter, amplitude, strength_name="amplitude")
     if not spacing_px >= 2:
         raise ValueError(f"reticular_fine: spacing_px must be >= 2 px, got {spacing_px}")
-    img = _as_unit_float(image)
+    img = to_unit_float(image)
     rng = np.random.default_rng(seed)
     box = footprint_box(center, diameter, img.shape)
     x1, y1, x2, y2 = box
@@ -178,7 +168,7 @@ def nodule(image: np.ndarray, center: Center, diameter: float, contrast: float, 
     _check("nodule", diameter, contrast, strength_name="contrast")
     if not 0 <= lobulation < 0.5:
         raise ValueError(f"nodule: lobulation must lie in [0, 0.5), got {lobulation}")
-    img = _as_unit_float(image)
+    img = to_unit_float(image)
     rng = np.random.default_rng(seed)
     box = footprint_box(center, diameter, img.shape)
     x1, y1, x2, y2 = box
@@ -415,7 +405,7 @@ def panel_examples(image: np.ndarray, cells: "Panel | Sequence[PerturbationCell]
     perturbations are the ones the extraction encodes for that image.
     """
     panel = load_panel(cells)
-    img = _as_unit_float(image)
+    img = to_unit_float(image)
     dist = placement_map(mask, img.shape)
     out = []
     for cell in panel:

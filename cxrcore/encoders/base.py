@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..geometry import Geometry, make_geometry
+from ..io import to_unit_float  # noqa: F401  (re-exported: encoders take arrays of any dtype)
 from ..pooling import patch_mean, roi_local
 
 #: File written beside the weights by :meth:`Encoder.save`, read back by ``load_encoder``.
@@ -136,41 +137,6 @@ class Encoding:
 
     def __len__(self) -> int:
         return self.cls.shape[0]
-
-
-def to_unit_float(image: np.ndarray, index: int = 0) -> np.ndarray:
-    """Scale a 2-D grey image to float32 in [0, 1] by its dtype, keeping every bit.
-
-    uint8 / 255, uint16 / 65535, bool as 0/1; floats must already be in [0, 1]
-    (``cxrcore.io.read_image`` returns that). Done by hand because PIL's
-    ``convert("RGB")`` clips 16-bit data to 8 bits.
-    """
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] > 4:
-        raise ValueError(
-            f"image {index} has shape {a.shape}: expected a 2-D grey array; convert colour-saved radiographs "
-            "to one channel first (cxrcore.io.read_image does)"
-        )
-    if a.ndim != 2:
-        raise ValueError(f"image {index} has shape {a.shape}: expected a 2-D grey array [H, W]")
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
-    if a.dtype == np.uint16:
-        return a.astype(np.float32) / 65535.0
-    if a.dtype == np.bool_:
-        return a.astype(np.float32)
-    if np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float32, copy=False)
-        if not np.isfinite(a).all():
-            raise ValueError(f"image {index} contains NaN or inf values")
-        lo, hi = float(a.min()), float(a.max())
-        if lo < -1e-6 or hi > 1 + 1e-6:
-            raise ValueError(
-                f"image {index} is float with range [{lo:.4g}, {hi:.4g}]: expected [0, 1]; "
-                "pass integer data as uint8/uint16, or rescale floats to [0, 1]"
-            )
-        return np.clip(a, 0.0, 1.0)
-    raise ValueError(f"image {index} has dtype {a.dtype}: expected uint8, uint16 or float in [0, 1]")
 
 
 def seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
