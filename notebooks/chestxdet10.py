@@ -62,27 +62,21 @@ batch_size: int = 8  # images per forward pass
 output_dir: str = "book/_generated/figures/chestxdet10"  # where figures and tables are written
 
 # %%
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib_inline.backend_inline import set_matplotlib_formats
 from PIL import Image
 
 import cxrcore
 from cxrcore import report
 from cxrcore.boxes import control_boxes_frame
-from cxrcore.cohorts import get_cohort, list_cohorts
+from cxrcore.cohorts import list_cohorts
 from cxrcore.cohorts.chestxdet10 import CHESTXDET10_CLASSES, ChestXDet10
-from cxrcore.cohorts.synthetic_lesions import write_synthetic_chestxdet10
+from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
 from cxrcore.geometry import make_geometry
 from cxrcore.io import read_image_size
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notebook-widget notice: noise on the page
-# Glued figures carry a PNG only if IPython has a PNG formatter for them; the Agg backend
-# that cxrcore.report selects registers none, so the book would show no figure.
-set_matplotlib_formats("png")
 BOX_COHORTS = ["chestxdet10"]
 unknown = [e for e in encoders if e not in cxrcore.list_encoders()]
 if unknown:
@@ -91,17 +85,9 @@ if cohort not in list_cohorts():
     raise ValueError(f"unknown cohort {cohort!r}; accepted: {BOX_COHORTS} (the cohorts with lesion boxes)")
 if cohort not in BOX_COHORTS:
     raise ValueError(f"cohort {cohort!r} has no lesion boxes for this analysis; accepted: {BOX_COHORTS}")
-if data_root and not Path(data_root).is_dir():
-    raise FileNotFoundError(f"data_root {data_root!r} does not exist; give the ChestX-Det10 folder (train.json, test.json, "
-                            "train/, test/), or leave data_root empty to generate the synthetic lesion cohort")
-root = Path(data_root) if data_root else write_synthetic_chestxdet10(generated_root, n_images=n_images, seed=seed,
-                                                                      size=image_size)
-data = get_cohort(cohort, str(root), stratify=stratify)
-data.synthetic = not data_root  # the loader cannot tell generated files from the release; we can
-if data_root and 0 < n_images < len(data):
-    keep = np.sort(np.random.default_rng(seed).choice(len(data), n_images, replace=False))
-    data.metadata = data.metadata.iloc[keep].reset_index(drop=True)
-    data.boxes = data.boxes[data.boxes["image_id"].isin(data.metadata["image_id"])].reset_index(drop=True)
+data = open_chestxdet10(data_root, generated_root=generated_root, n_images=n_images, seed=seed,
+                        image_size=image_size, stratify=stratify)
+root = data.root
 classes = list(data.label_columns)
 provenance = report.record_run(output_dir, cohort=data, stand_in=stand_in, encoders=encoders,
                                parameters={"n_images": len(data), "image_size": image_size, "seed": seed})

@@ -307,3 +307,31 @@ def write_synthetic_chestxdet10(root: str | os.PathLike, n_images: int = 200, se
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def open_chestxdet10(data_root: str | os.PathLike | None, *, generated_root: str | os.PathLike, n_images: int = 0,
+                     seed: int = 0, image_size: int = 512, **loader_kwargs):
+    """The ChestX-Det10 cohort of a notebook: the release at ``data_root``, or the synthetic one.
+
+    With ``data_root`` empty, the synthetic lesion cohort is written (once) under
+    ``generated_root`` and read back through the real loader, and marked ``synthetic`` (the
+    loader cannot tell generated files from the release). With a release, ``n_images``
+    > 0 keeps a seeded random subset of that many images (and their boxes).
+    """
+    from .chestxdet10 import ChestXDet10
+
+    if data_root:
+        root = Path(data_root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data_root {str(data_root)!r} does not exist; give the ChestX-Det10 folder "
+                                    "(train.json, test.json, train/, test/), or leave data_root empty to generate "
+                                    "the synthetic lesion cohort")
+    else:
+        root = write_synthetic_chestxdet10(generated_root, n_images=n_images, seed=seed, size=image_size)
+    data = ChestXDet10(root, **loader_kwargs)
+    data.synthetic = not data_root
+    if data_root and 0 < n_images < len(data):
+        keep = np.sort(np.random.default_rng(seed).choice(len(data), n_images, replace=False))
+        data.metadata = data.metadata.iloc[keep].reset_index(drop=True)
+        data.boxes = data.boxes[data.boxes["image_id"].isin(data.metadata["image_id"])].reset_index(drop=True)
+    return data
