@@ -37,6 +37,21 @@ def test_parameters_cell_is_documented(src, tmp_path):
         assert name in proc.stdout, f"papermill --help-notebook does not list {name}"
 
 
+def _parameters(src: Path) -> set[str]:
+    cell = next(c for c in jupytext.read(src).cells if "parameters" in c.metadata.get("tags", []))
+    return {l.split(":")[0].strip() for l in cell.source.splitlines() if l.strip() and not l.startswith("#")}
+
+
+@pytest.mark.parametrize("src", [p for p in NOTEBOOKS if "encoders" in _parameters(p)], ids=lambda p: p.stem)
+def test_every_notebook_refuses_an_unknown_encoder_in_its_first_cells(src, tmp_path):
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        pm.execute_notebook(str(_to_ipynb(src, tmp_path)), str(tmp_path / "out.ipynb"),
+                            parameters={"encoders": ["no-such-encoder"]}, kernel_name="python3",
+                            cwd=str(ROOT), progress_bar=False)
+    assert "unknown encoder" in str(err.value) and "accepted" in str(err.value)
+    assert err.value.cell_index <= 4, "a wrong parameter must stop before any work is done"
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"encoders": ["no-such-encoder"]}, "unknown encoder"),
     ({"cohort": "no-such-cohort"}, "unknown cohort"),
