@@ -37,13 +37,22 @@ def load_plan(path: Path = ROOT / "book" / "notebooks.yml") -> list[dict]:
     return plan
 
 
-def execute(name: str, parameters: dict) -> float:
-    """Convert ``notebooks/<name>.py`` with jupytext and execute it with papermill; return seconds."""
+def execute(name: str, parameters: dict, mode: str) -> float:
+    """Convert ``notebooks/<name>.py`` with jupytext and execute it with papermill; return seconds.
+
+    The notebook's output folder (``book/_generated/figures/<name>``) is emptied first, so no
+    figure or table of an earlier build survives beside this one; ``mode`` (default or
+    smoke) reaches the notebook as CXRCORE_BUILD_MODE and is recorded in its provenance.
+    """
+    import shutil
+
     import jupytext
     import nbformat
     import papermill as pm
 
     GENERATED.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(GENERATED / "figures" / name, ignore_errors=True)
+    os.environ["CXRCORE_BUILD_MODE"] = mode  # inherited by the kernel papermill starts
     nb = jupytext.read(ROOT / "notebooks" / f"{name}.py")
     out = GENERATED / f"{name}.ipynb"
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             params = {**nb.get("parameters", {}), **(nb.get("smoke", {}) if args.smoke else {})}
             print(f"executing notebooks/{nb['name']}.py {json.dumps(params)}", flush=True)
-            secs = execute(nb["name"], params)
+            secs = execute(nb["name"], params, "smoke" if args.smoke else "default")
             print(f"  {secs:.1f} s", flush=True)
             rows.append({"name": nb["name"], "title": nb.get("title", nb["name"]), "parameters": params,
                          "seconds": secs, "smoke": args.smoke})

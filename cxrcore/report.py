@@ -49,8 +49,10 @@ def record_run(output_dir: str | os.PathLike, *, cohort, stand_in: bool, encoder
     import json
 
     label = provenance_label(cohort.name, bool(cohort.synthetic), bool(stand_in))
+    # book/build.py says whether this is the default or the smoke build; "manual" otherwise
     record = {"cohort": cohort.name, "synthetic": bool(cohort.synthetic), "stand_in": bool(stand_in),
-              "encoders": list(encoders), "label": label, "parameters": parameters or {}}
+              "encoders": list(encoders), "label": label, "parameters": parameters or {},
+              "build_mode": os.environ.get("CXRCORE_BUILD_MODE", "manual")}
     _atomic_write(Path(output_dir) / PROVENANCE_FILE,
                   lambda p: Path(p).write_text(json.dumps(record, indent=2, default=str)))
     return label
@@ -143,6 +145,8 @@ def format_table(df: pd.DataFrame, floatfmt: str = "{:.3f}"):
 def with_ci(df: pd.DataFrame, est: str = "auc", lo: str = "ci_low", hi: str = "ci_high", fmt: str = "{:.3f}") -> pd.Series:
     """'0.712 [0.650, 0.771]' strings for a table column ('0.712' where the row has no CI)."""
     def one(r) -> str:
+        if pd.isna(r[est]):
+            return "not estimable"
         if pd.isna(r[lo]) or pd.isna(r[hi]):
             return fmt.format(r[est])
         return f"{fmt.format(r[est])} [{fmt.format(r[lo])}, {fmt.format(r[hi])}]"
@@ -280,9 +284,42 @@ def write_summary(rows: pd.DataFrame, output_dir: str | os.PathLike) -> Path:
     return path
 
 
+def _check_one_build(paths: Sequence[Path]) -> None:
+    """Refuse to collect outputs of the smoke and the default build side by side."""
+    import json
+
+    modes = {}
+    for p in paths:
+        prov = p.parent / PROVENANCE_FILE
+        modes[p.parent.name] = json.loads(prov.read_text()).get("build_mode", "manual") if prov.is_file() else "unknown"
+    if len(set(modes.values())) > 1:
+        raise ValueError(f"the analyses' outputs come from different builds {modes}; rebuild them together "
+                         "(python book/build.py, or --smoke for all) before summarising")
+
+
 def collect_summaries(figures_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every analysis's ``summary.csv`` under ``figures_dir``, concatenated."""
+    """Every analysis's ``summary.csv`` under ``figures_dir``, concatenated (all from one build)."""
     paths = sorted(Path(figures_dir).glob(f"*/{SUMMARY_FILE}"))
     if not paths:
         raise FileNotFoundError(f"no {SUMMARY_FILE} under {figures_dir}: run the analysis notebooks first")
+    _check_one_build(paths)
     return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+
+
+REPORTED_COLUMNS = ("quantity", "reported (paper)", "ours (this build)", "ours produced with")
+
+
+def collect_reported(figures_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every analysis's reported-vs-ours table (``tab-<analysis>-reported.csv``), concatenated."""
+    paths = sorted(Path(figures_dir).glob("*/tab-*-reported.csv"))
+    if not paths:
+        raise FileNotFoundError(f"no tab-*-reported.csv under {figures_dir}: run the analysis notebooks first")
+    _check_one_build(paths)
+    frames = []
+    for p in paths:
+        df = pd.read_csv(p)
+        missing = [c for c in REPORTED_COLUMNS if c not in df.columns]
+        if missing:
+            raise ValueError(f"{p}: lacks column(s) {missing}; expected {list(REPORTED_COLUMNS)}")
+        frames.append(df[list(REPORTED_COLUMNS)].assign(analysis=p.parent.name))
+    return pd.concat(frames, ignore_index=True)

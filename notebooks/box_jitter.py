@@ -211,7 +211,8 @@ def setting(sigma, scale):
 by_encoder = pd.concat([pd.DataFrame({"encoder": key, "image_id": groups, "label": y,
                                       **{setting(sg, sc): scores[key, sg, sc] for sg in sigmas_px for sc in scale_sigmas}})
                         for key in encoders], ignore_index=True)
-pairs_tested = [(setting(sg, sc), setting(0, sc)) for sc in scale_sigmas for sg in sigmas_px if sg != 0]
+# every setting against the unjittered boxes (sigma 0, scale 0)
+pairs_tested = [(setting(sg, sc), setting(0, 0.0)) for sc in scale_sigmas for sg in sigmas_px if (sg, sc) != (0, 0.0)]
 # family: every jittered setting of every encoder on this page; image-cluster bootstrap of the paired difference
 tests = compare_table(by_encoder, [c for p in pairs_tested for c in p], "label", pairs=pairs_tested, by=["encoder"],
                       group_col="image_id", n_boot=n_boot, seed=seed) if pairs_tested else pd.DataFrame()

@@ -218,14 +218,17 @@ print(f"{len(md)} images x {len(encoders)} encoders, one forward pass each; {len
 # ## Image level: `cls` and `patch_mean`, small vs large lesions
 # One probe per (encoder, class, pooling mode), out-of-fold over the same folds for both
 # modes. Stratum AUCs reuse those out-of-fold scores: the positives of one stratum
-# against all negatives. The gap's 95 % CI is the percentile interval of the difference of
-# the two strata's bootstrap replicates, drawn independently; the strata share their
-# negatives, which makes the two AUCs positively correlated, so this interval is, if
-# anything, too wide.
+# against all negatives. The gap's 95 % CI comes from one joint bootstrap
+# (`cxrcore.stats.bootstrap_auc_gap`): each replicate resamples the negatives once and
+# each stratum's positives, and computes both AUCs on it, so the correlation the two
+# AUCs get from their shared negatives is carried into the interval. These CIs resample
+# fixed out-of-fold scores: the variability of refitting the probe on other folds is not
+# in them, so an AUC whose CI lies below 0.5 with stand-in encoders is a fold artefact of
+# a probe with nothing to learn, not a signal.
 
 # %%
 from cxrcore.probes import grouped_folds, out_of_fold_scores
-from cxrcore.stats import auc, bootstrap_auc, delong, delong_paired, fdr_bh
+from cxrcore.stats import auc, bootstrap_auc, bootstrap_auc_gap, delong, delong_paired, fdr_bh
 from scipy.stats import norm
 
 image_stratum = {c: data.boxes[data.boxes["class"] == c].groupby("image_id")["stratum"]
@@ -251,8 +254,9 @@ for key in encoders:
                 by[st] = bootstrap_auc(y[keep], s[keep], n_boot=n_boot, seed=seed) if enough else None
             gap = None
             if by["small"] is not None and by["large"] is not None:
-                d = by["large"].replicates - by["small"].replicates
-                gap = (by["large"].auc - by["small"].auc, *np.nanpercentile(d, [2.5, 97.5]))
+                # one joint bootstrap: shared negatives resampled once per replicate for both strata
+                g = bootstrap_auc_gap(y, s, stratum, "large", "small", n_boot=n_boot, seed=seed)
+                gap = (g.gap, g.ci_low, g.ci_high)
             for st in ("small", "large"):
                 r = by[st]
                 strata_rows.append({"encoder": key, "class": c, "pooling": mode, "stratum": st,
@@ -347,7 +351,7 @@ for key in encoders:
         oof_box[key, c] = s
         b = bootstrap_auc(y, s, n_boot=n_boot, seed=seed, groups=groups)
         dl = delong(y, s, groups=groups)  # Obuchowski's clustered variance: boxes of one image are not independent
-        z = (dl.auc - 0.5) / dl.se if dl.se > 0 else np.inf
+        z = (dl.auc - 0.5) / dl.se if dl.se > 0 else np.copysign(np.inf, dl.auc - 0.5)
         row = {"encoder": key, "class": c, "pooling": "roi_local", "auc": b.auc, "ci_low": b.ci_low, "ci_high": b.ci_high,
                "delong_low": dl.ci[0], "delong_high": dl.ci[1], "z_vs_chance": z, "p_value": float(2 * norm.sf(abs(z))),
                "n_boxes": b.n_pos, "n_images": int(sub["image_id"].nunique())}

@@ -73,26 +73,13 @@ for a in analyses:
 
 # %% [markdown]
 # ## The paper's numbers, beside ours
-# The abstract's figures, as reported (not recomputed here), next to the corresponding
-# quantity from this build. With stand-in encoders and a synthetic cohort the two are
-# not expected to agree; the comparison shows which quantity each chapter estimates.
+# The abstract's figures, as reported (not recomputed here), next to the same quantity
+# from this build, as each chapter computed it. With stand-in encoders and a synthetic
+# cohort the two are not expected to agree; the comparison shows which quantity each
+# chapter estimates.
 
 # %%
-def our_range(df: pd.DataFrame, analysis_prefix: str, pooling: str) -> str:
-    sub = df[df["analysis"].str.startswith(analysis_prefix) & (df["pooling"] == pooling)]
-    if sub.empty:
-        return "not run"
-    return f"{sub['auc'].min():.3f}-{sub['auc'].max():.3f}"
-
-
-REPORTED = [  # (quantity, reported value, analysis prefix, pooling) from the paper's abstract
-    ("perturbation panel: cls AUC", "0.500-0.524", "perturbation", "cls"),
-    ("perturbation panel: roi_local AUC", "~1.0", "perturbation", "roi_local"),
-    ("disease probes (globally decided): AUC", "0.642-0.913", "disease", "cls"),
-    ("ChestX-Det10 box-level roi_local AUC", ">= 0.899 in every (model x class) cell", "ChestX-Det10", "roi_local"),
-]
-comparison = pd.DataFrame([{"quantity": q, "reported (paper)": r, "ours (this build)": our_range(ours, a, m),
-                            "ours produced with": label} for q, r, a, m in REPORTED])
+comparison = report.collect_reported(figures_dir)[["analysis", "quantity", "reported (paper)", "ours (this build)", "ours produced with"]]
 report.publish_table(comparison, "tab-summary-reported", output_dir)
 comparison
 

@@ -133,20 +133,20 @@ folds = grouped_folds(y, groups, n_splits=5, seed=seed)
 rows = []
 for mode in POOLING_MODES:
     scores = out_of_fold_scores(emb.features[mode], y, groups, folds=folds)
-    b = bootstrap_auc(y, scores, n_boot=n_boot, seed=seed)
+    b = bootstrap_auc(y, scores, n_boot=n_boot, seed=seed, groups=groups)  # resample patients: both arms together
     rows.append({"encoder": encoder_key, "pooling": mode, "auc": b.auc, "ci_low": b.ci_low, "ci_high": b.ci_high})
 table = pd.DataFrame(rows)
 fig = report.auc_by_pooling_figure(table, x="encoder", title=f"Teaching run: {cell.name}, {n_images} pairs")
 report.publish_figure(fig, "fig-teaching-auc", output_dir)
-report.publish_table(table.assign(**{"AUC [95% CI]": report.with_ci(table)})[["encoder", "pooling", "AUC [95% CI]"]],
-                     "tab-teaching-auc", output_dir)
+report.publish_table(table.assign(**{"AUC [95% CI]": report.with_ci(table), "produced with": provenance})[
+    ["encoder", "pooling", "AUC [95% CI]", "produced with"]], "tab-teaching-auc", output_dir)
 table
 
 # %% [markdown]
 # ```{glue:figure} fig-teaching-auc
 # :name: fig-teaching-auc
 #
-# AUC (95% bootstrap CI) of the linear probe telling perturbed from unperturbed images, per pooling mode: teaching run on the synthetic cohort with a random-weight stand-in.
+# AUC (95% patient-cluster bootstrap CI) of the linear probe telling perturbed from unperturbed images, per pooling mode: teaching run on the synthetic cohort with a random-weight stand-in.
 # ```
 
 # %% [markdown]
@@ -165,16 +165,22 @@ print("cls and patch_mean average over the whole image; roi_local only over the 
 
 # %% [markdown]
 # ### Exercise 3
-# The probe's AUC is an estimate. Use `cxrcore.stats.delong_paired` to test whether
-# `roi_local` beats `cls` on the same images (paired, same folds).
+# The probe's AUC is an estimate. Test whether `roi_local` beats `cls` on the same images
+# (paired, same folds). Each patient contributes two images (both arms), so the test must
+# resample patients, not images: `cxrcore.stats.compare_table(..., group_col="patient_id")`
+# does that with a patient-cluster bootstrap of the paired difference. Compare its p-value
+# with `cxrcore.stats.delong_paired`, which treats the 2n images as independent.
 
 # %% tags=["solution"]
-from cxrcore.stats import delong_paired
+from cxrcore.stats import compare_table, delong_paired
 
-s_roi = out_of_fold_scores(emb.features["roi_local"], y, groups, folds=folds)
-s_cls = out_of_fold_scores(emb.features["cls"], y, groups, folds=folds)
-test = delong_paired(y, s_roi, s_cls)
-print(f"roi_local {test.auc_a:.3f} vs cls {test.auc_b:.3f}: z = {test.z:.2f}, p = {test.p_value:.2g}")
+scored = emb.meta.assign(roi_local=out_of_fold_scores(emb.features["roi_local"], y, groups, folds=folds),
+                         cls=out_of_fold_scores(emb.features["cls"], y, groups, folds=folds))
+test = compare_table(scored, ["cls", "roi_local"], "arm", pairs=[("roi_local", "cls")], group_col="patient_id",
+                     n_boot=n_boot, seed=seed).iloc[0]
+naive = delong_paired(y, scored["roi_local"], scored["cls"])
+print(f"roi_local {test.auc_a:.3f} vs cls {test.auc_b:.3f}: patient-cluster p = {test.p_value:.2g}; "
+      f"images-as-independent DeLong p = {naive.p_value:.2g}")
 
 # %% [markdown]
 # ## What we did

@@ -163,3 +163,17 @@ def test_corrupt_json(tmp_path):
     (root / "test.json").write_text(json.dumps([{"file_name": "1.png", "boxes": []}]))
     with pytest.raises(CohortError, match="field 'syms': missing"):
         ChestXDet10(root, check_files=False)
+
+
+def test_median_rule_splits_ties_at_the_median_into_halves():
+    import pandas as pd
+
+    from cxrcore.cohorts.base import assign_strata
+
+    boxes = pd.DataFrame({"class": ["Calcification"] * 6 + ["Nodule"] * 5,
+                          "area": [49, 49, 49, 49, 49, 81, 1, 2, 3, 4, 5]})
+    got = assign_strata(boxes).tolist()
+    # integer areas tie: "area <= median" alone would put 5 of 6 calcifications in "small"
+    assert got[:6].count("small") == 3 and got[:6].count("large") == 3
+    assert got[5] == "large"  # the largest box is never small
+    assert got[6:] == ["small", "small", "small", "large", "large"]  # continuous areas: the plain median split

@@ -125,8 +125,10 @@ def make_boxes(image_id, cls, x1, y1, x2, y2, line=None) -> pd.DataFrame:
 def assign_strata(boxes: pd.DataFrame, rule: str | float | dict = "median") -> pd.Series:
     """``"small"`` / ``"large"`` per box, decided within each class by area (px^2).
 
-    ``rule``: ``"median"`` (small if area <= the class's median box area, the paper's
-    default), ``"quantile:q"`` (small if area <= the class's q-quantile), a number (a
+    ``rule``: ``"median"`` (the paper's default: the smaller half of the class's boxes by
+    area is small, i.e. small if area <= the median; boxes tied at the median are split
+    between the halves in file order, since integer pixel areas tie often and sending
+    every tie to "small" can leave "large" nearly empty), ``"quantile:q"`` (small if area <= the class's q-quantile), a number (a
     fixed area threshold in px^2 for every class) or a dict ``class -> threshold``.
     """
     if len(boxes) == 0:
@@ -140,7 +142,9 @@ def assign_strata(boxes: pd.DataFrame, rule: str | float | dict = "median") -> p
     elif isinstance(rule, (int, float)) and not isinstance(rule, bool):
         threshold = pd.Series(float(rule), index=boxes.index)
     elif rule == "median":
-        threshold = grouped.transform("median")
+        rank = grouped.rank(method="first")
+        half = grouped.transform("size").add(1) // 2
+        return pd.Series(np.where(rank <= half, STRATA[0], STRATA[1]), index=boxes.index, dtype="string")
     elif isinstance(rule, str) and rule.startswith("quantile:"):
         q = float(rule.split(":", 1)[1])
         if not 0.0 < q < 1.0:
