@@ -1036,3 +1036,32 @@ def bootstrap_auc_gap(y_true, score, stratum, a: str = "large", b: str = "small"
                    - _auc_against(pb[rng.integers(0, pb.shape[0], pb.shape[0])], ns))
     lo, hi = _percentile_interval(reps, 1.0 - ci)
     return GapResult(auc_a - auc_b, auc_a, auc_b, lo, hi, pa.shape[0], pb.shape[0], neg.shape[0], reps.shape[0])
+
+
+def within_pair_table(df: pd.DataFrame, score_cols, pair_col: str, arm_col: str = "arm", by=None,
+                      ci: float = 0.95) -> pd.DataFrame:
+    """Within-pair AUC: the share of pairs whose arm-1 row outscores its arm-0 row (ties one half).
+
+    For a paired design (each ``pair_col`` value has one row with ``arm_col`` 0 and one
+    with 1) this is the AUC conditional on the pair: between-pair differences, which
+    dominate a pooled AUC when the perturbation moves the score less than images differ,
+    cancel. CI: Wilson interval of the proportion (statsmodels). Tidy: one row per stratum
+    of ``by`` and score column.
+    """
+    from statsmodels.stats.proportion import proportion_confint
+
+    score_cols, by = _as_list(score_cols), _as_list(by)
+    _check_columns(df, score_cols + [pair_col, arm_col] + by, "columns")
+    rows = []
+    for key, part in _iter_strata(df, by):
+        wide = part.pivot_table(index=pair_col, columns=arm_col, values=score_cols, aggfunc="first")
+        for col in score_cols:
+            if (col, 0) not in wide.columns or (col, 1) not in wide.columns:
+                raise ValueError(f"stratum {_stratum_label(key)}: {arm_col!r} must take the values 0 and 1")
+            d = (wide[(col, 1)] - wide[(col, 0)]).dropna().to_numpy()
+            n = d.shape[0]
+            wins = float((d > 0).sum() + 0.5 * (d == 0).sum())
+            lo, hi = proportion_confint(wins, n, alpha=1 - ci, method="wilson") if n else (np.nan, np.nan)
+            rows.append({**key, "pooling": col, "within_pair_auc": wins / n if n else np.nan,
+                         "ci_low": lo, "ci_high": hi, "n_pairs": n})
+    return pd.DataFrame(rows)

@@ -782,3 +782,19 @@ def test_stratum_gap_matches_the_two_aucs_and_its_joint_bootstrap_covers_the_nul
     assert hits / 120 >= 0.88
     with pytest.raises(ValueError, match="stratum 'large'"):
         stats.bootstrap_auc_gap(y, s, np.r_[["none"] * 80, ["small"] * 20])
+
+
+def test_within_pair_auc_counts_pairs_not_images():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 40
+    base = rng.normal(scale=10, size=n)  # images differ far more than the perturbation moves them
+    df = pd.DataFrame({"pid": np.repeat(np.arange(n), 2), "arm": np.tile([0, 1], n),
+                       "s": np.repeat(base, 2) + np.tile([0.0, 0.01], n)})
+    t = stats.within_pair_table(df, ["s"], "pid")
+    assert t.loc[0, "within_pair_auc"] == 1.0 and t.loc[0, "n_pairs"] == n  # every pair detected
+    assert stats.auc(df["arm"], df["s"]) < 0.6  # while the pooled AUC sits near chance
+    assert 0.9 < t.loc[0, "ci_low"] < 1.0
+    with pytest.raises(ValueError, match="0 and 1"):
+        stats.within_pair_table(df.assign(arm=df["arm"] + 1), ["s"], "pid")
