@@ -120,20 +120,21 @@ def _png_in_notebooks() -> None:
         set_matplotlib_formats("png")
 
 
-def publish_figure(fig, key: str, output_dir: str | os.PathLike) -> Path:
-    """Save and glue a figure under ``key`` (shown where a page places it with ``{glue:figure}``)."""
-    path = save_figure(fig, key, output_dir)
+def publish_figure(fig, key: str, output_dir: str | os.PathLike) -> None:
+    """Save ``<output_dir>/<key>.png`` and glue the figure under ``key`` (a page shows it with ``{glue:figure}``).
+
+    Returns None so that a cell ending with this call prints nothing.
+    """
+    save_figure(fig, key, output_dir)
     _png_in_notebooks()
     glue(key, fig, display=False)
     plt.close(fig)  # shown through the glue only, never twice
-    return path
 
 
-def publish_table(df: pd.DataFrame, key: str, output_dir: str | os.PathLike, *, floatfmt: str = "{:.3f}") -> Path:
-    """Save a table as CSV and glue it, rendered as an HTML table, under ``key``."""
-    path = save_table(df, key, output_dir)
+def publish_table(df: pd.DataFrame, key: str, output_dir: str | os.PathLike, *, floatfmt: str = "{:.3f}") -> None:
+    """Save ``<output_dir>/<key>.csv`` and glue the table, rendered as HTML, under ``key``."""
+    save_table(df, key, output_dir)
     glue(key, format_table(df, floatfmt=floatfmt), display=False)
-    return path
 
 
 def format_table(df: pd.DataFrame, floatfmt: str = "{:.3f}"):

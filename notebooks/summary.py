@@ -42,14 +42,18 @@ print("produced with:", sorted(set(ours["produced_with"])))
 
 # %%
 label = "; ".join(sorted(set(ours["produced_with"])))
-fig = report.auc_by_pooling_figure(ours, x="encoder", col="analysis", title="AUC by pooling mode", label=label)
+fig = report.auc_by_pooling_figure(ours, x="encoder", col="analysis", col_wrap=3, title="AUC by pooling mode", label=label)
 report.publish_figure(fig, "fig-summary-headline", output_dir)
 
 # %% [markdown]
 # ```{glue:figure} fig-summary-headline
 # :name: fig-summary-headline
 #
-# Headline AUC by pooling mode, per encoder (x) and analysis (panel), collected from this build's chapters; how they were produced is in the figure title.
+# Headline AUC by pooling mode, per encoder (x) and analysis (panel), collected from this
+# build's chapters; how they were produced is in the figure title. Read each panel against
+# chance (dashed), not across panels: in the ChestX-Det10 panels `cls` and `patch_mean` are
+# image-level (class present vs absent) while `roi_local` is box-level (lesion vs matched
+# control box); the perturbation panel shows each mode's mean over the panel's cells.
 # ```
 
 # %% [markdown]
