@@ -63,19 +63,15 @@ from PIL import Image
 import cxrcore
 from cxrcore import report
 from cxrcore.boxes import control_boxes_frame, jitter_frame, still_overlapping
-from cxrcore.cohorts import list_cohorts
+from cxrcore.cohorts import check_cohort
 from cxrcore.cohorts.chestxdet10 import CHESTXDET10_CLASSES, ChestXDet10
 from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
+from cxrcore.encoders import check_encoders
 from cxrcore.io import read_image_size
 
 BOX_COHORTS = ["chestxdet10"]
-unknown = [e for e in encoders if e not in cxrcore.list_encoders()]
-if unknown:
-    raise ValueError(f"unknown encoder(s) {unknown}; accepted: {cxrcore.list_encoders()}")
-if cohort not in list_cohorts():
-    raise ValueError(f"unknown cohort {cohort!r}; accepted: {BOX_COHORTS} (the cohorts with lesion boxes)")
-if cohort not in BOX_COHORTS:
-    raise ValueError(f"cohort {cohort!r} has no lesion boxes for this analysis; accepted: {BOX_COHORTS}")
+check_encoders(encoders)
+check_cohort(cohort, accepted=BOX_COHORTS)  # the cohorts with lesion boxes
 if not sigmas_px or min(sigmas_px) < 0 or 0 not in sigmas_px or min(scale_sigmas, default=-1) < 0 or 0.0 not in scale_sigmas:
     raise ValueError(f"sigmas_px={sigmas_px} and scale_sigmas={scale_sigmas}: accepted are lists of numbers >= 0 "
                      "that include 0 (the unjittered reference)")

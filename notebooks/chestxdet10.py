@@ -71,20 +71,16 @@ from PIL import Image
 import cxrcore
 from cxrcore import report
 from cxrcore.boxes import control_boxes_frame
-from cxrcore.cohorts import list_cohorts
+from cxrcore.cohorts import check_cohort
 from cxrcore.cohorts.chestxdet10 import CHESTXDET10_CLASSES, ChestXDet10
 from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
+from cxrcore.encoders import check_encoders
 from cxrcore.geometry import make_geometry
 from cxrcore.io import read_image_size
 
 BOX_COHORTS = ["chestxdet10"]
-unknown = [e for e in encoders if e not in cxrcore.list_encoders()]
-if unknown:
-    raise ValueError(f"unknown encoder(s) {unknown}; accepted: {cxrcore.list_encoders()}")
-if cohort not in list_cohorts():
-    raise ValueError(f"unknown cohort {cohort!r}; accepted: {BOX_COHORTS} (the cohorts with lesion boxes)")
-if cohort not in BOX_COHORTS:
-    raise ValueError(f"cohort {cohort!r} has no lesion boxes for this analysis; accepted: {BOX_COHORTS}")
+check_encoders(encoders)
+check_cohort(cohort, accepted=BOX_COHORTS)  # the cohorts with lesion boxes
 data = open_chestxdet10(data_root, generated_root=generated_root, n_images=n_images, seed=seed,
                         image_size=image_size, stratify=stratify)
 root = data.root

@@ -49,16 +49,14 @@ import pandas as pd
 
 import cxrcore
 from cxrcore import report
-from cxrcore.cohorts import get_cohort, list_cohorts
+from cxrcore.cohorts import check_cohort, get_cohort
+from cxrcore.encoders import check_encoders
 from cxrcore.extract import encode_cohort
 from cxrcore.probes import out_of_fold_table
 from cxrcore.stats import auc_table, compare_table
 
-unknown = [e for e in encoders if e not in cxrcore.list_encoders()]
-if unknown:
-    raise ValueError(f"unknown encoder(s) {unknown}; accepted: {cxrcore.list_encoders()}")
-if cohort not in list_cohorts():
-    raise ValueError(f"unknown cohort {cohort!r}; accepted: {list_cohorts()}")
+check_encoders(encoders)
+check_cohort(cohort)
 data = get_cohort(cohort, data_root or None, **({"n_images": n_images, "seed": seed} if cohort == "synthetic" else {}))
 task_labels = labels or data.label_columns
 bad = [t for t in task_labels if t not in data.label_columns]

@@ -34,10 +34,9 @@ import pandas as pd
 
 import cxrcore
 from cxrcore import report
+from cxrcore.encoders import check_encoders
 
-unknown = [e for e in encoders if e not in cxrcore.list_encoders()]
-if unknown:
-    raise ValueError(f"unknown encoder(s) {unknown}; accepted: {cxrcore.list_encoders()}")
+check_encoders(encoders)
 
 # %% [markdown]
 # ## Published specifications

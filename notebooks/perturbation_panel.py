@@ -51,18 +51,16 @@ import pandas as pd
 
 import cxrcore
 from cxrcore import report
-from cxrcore.cohorts import get_cohort, list_cohorts
+from cxrcore.cohorts import check_cohort, get_cohort
+from cxrcore.encoders import check_encoders
 from cxrcore.extract import encode_panel, read_with_mask
 from cxrcore.perturb import load_panel, panel_examples
 from cxrcore.pooling import POOLING_MODES
 from cxrcore.probes import out_of_fold_table
 from cxrcore.stats import auc_table, compare_table, within_pair_table
 
-unknown = [e for e in encoders if e not in cxrcore.list_encoders()]
-if unknown:
-    raise ValueError(f"unknown encoder(s) {unknown}; accepted: {cxrcore.list_encoders()}")
-if cohort not in list_cohorts():
-    raise ValueError(f"unknown cohort {cohort!r}; accepted: {list_cohorts()}")
+check_encoders(encoders)
+check_cohort(cohort)
 cells = load_panel(panel)
 data = get_cohort(cohort, data_root or None,
                   **({"n_images": n_images, "seed": seed, "size": image_size} if cohort == "synthetic" else {}))

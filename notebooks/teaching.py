@@ -44,14 +44,14 @@ import pandas as pd
 import cxrcore
 from cxrcore import report
 from cxrcore.cohorts import SyntheticCohort
+from cxrcore.encoders import check_encoders
 from cxrcore.extract import encode_panel
 from cxrcore.perturb import PerturbationCell
 from cxrcore.pooling import POOLING_MODES
 from cxrcore.probes import grouped_folds, out_of_fold_scores
 from cxrcore.stats import bootstrap_auc
 
-if encoder_key not in cxrcore.list_encoders():
-    raise ValueError(f"unknown encoder {encoder_key!r}; accepted: {cxrcore.list_encoders()}")
+check_encoders([encoder_key])
 if n_images < 10:
     raise ValueError(f"n_images={n_images} is too few for a 5-fold probe; accepted: 10 or more")
 

@@ -32,6 +32,14 @@ def list_cohorts() -> list[str]:
     return list(COHORTS)
 
 
+def check_cohort(name: str, accepted=None) -> str:
+    """Return ``name``, or raise saying which cohorts are accepted (``accepted`` narrows the registry)."""
+    ok = list(COHORTS) if accepted is None else [c for c in accepted if c in COHORTS]
+    if name not in ok:
+        raise ValueError(f"unknown cohort {name!r}; accepted: {ok}" + ("" if accepted is None else " (the cohorts this analysis can use)"))
+    return name
+
+
 def cohort_class(name: str) -> type[Cohort]:
     try:
         target = COHORTS[name]
@@ -55,7 +63,7 @@ def get_cohort(name: str, data_root: str | None = None, **kwargs) -> Cohort:
 
 __all__ = [
     "BOX_COLUMNS", "COHORTS", "GENERATED", "MANIFEST_SCHEMA", "METADATA_COLUMNS", "OPTIONAL_COLUMNS", "STRATA",
-    "ChestXDet10", "Cohort", "CohortError", "FolderCohort", "MIMICCXRJPG", "ManifestCohort", "NIHChestXray14",
+    "ChestXDet10", "Cohort", "CohortError", "check_cohort", "FolderCohort", "MIMICCXRJPG", "ManifestCohort", "NIHChestXray14",
     "PatientLeakError", "SyntheticCohort", "assign_strata", "check_no_leak", "cohort_class", "get_cohort",
     "list_cohorts", "patient_kfold", "train_test_split",
 ]

@@ -91,6 +91,16 @@ def list_encoders() -> list[str]:
     return list(REGISTRY)
 
 
+def check_encoders(keys) -> list[str]:
+    """Return ``keys`` as a list, or raise naming the unknown ones and what is accepted (notebook parameters)."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    unknown = [k for k in keys if k not in REGISTRY and not str(k).startswith(GENERIC_PREFIXES)]
+    if unknown or not keys:
+        raise ValueError(f"unknown encoder(s) {unknown or keys}; accepted: {list_encoders()} "
+                         "or 'timm:<model name>' / 'hf:<model id>'")
+    return keys
+
+
 @functools.lru_cache(maxsize=64)
 def encoder_spec(key: str) -> EncoderSpec:
     """Published facts of an encoder: ``input_size``, ``patch_size``, ``grid``, ``num_register_tokens``,
@@ -138,6 +148,7 @@ def load_encoder(key: str, *, weights: str | Path | None = None, stand_in: bool 
 
 
 __all__ = [
+    "check_encoders",
     "Encoder", "EncoderSpec", "Encoding", "REGISTRY", "WeightsUnavailableError", "encoder_spec", "list_encoders",
     "load_encoder", "vit_flops",
     "BiomedClipEncoder", "Dinov2Encoder", "Dinov2RegistersEncoder", "Dinov3Encoder", "HFViTEncoder", "ResNetEncoder",
