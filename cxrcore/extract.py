@@ -35,7 +35,7 @@ import torch
 
 from . import __version__
 from .cohorts.base import Cohort
-from .encoders.base import Encoder
+from .encoders.base import Encoder, Encoding
 from .geometry import Geometry
 from .perturb import Panel, PerturbationCell, load_panel, placement_map, random_location  # noqa: F401  (re-exported)
 from .pooling import POOLING_MODES, patch_mean, roi_local
@@ -407,6 +407,30 @@ def encode_cohort(cohort: Cohort, encoder: Encoder, *, n_images: int | None = No
 
         it = tqdm(it, desc=f"{encoder.key} {getattr(cohort, 'name', '')}", unit="img")
     return _encode_in_batches(encoder, (load_item(cohort, i, (), boxes=by_image) for i in it), batch_size)
+
+
+def encode_images(cohort: Cohort, encoder: Encoder, *, boxes: Mapping[str, Sequence] | None = None,
+                  return_grid: bool = False, batch_size: int = 8) -> Encoding:
+    """Every image of ``cohort`` through ``encoder`` once, in metadata order, as one :class:`Encoding`.
+
+    ``boxes`` maps an ``image_id`` to its boxes (original pixels); their ``roi_local`` rows
+    come back image by image in metadata order, each image's in the order given, with
+    ``roi_image`` the image's row in ``cohort.metadata``. ``return_grid`` keeps the patch
+    grids (and ``geometry``) so other boxes can be re-pooled later without a forward pass.
+    """
+    ids = cohort.metadata["image_id"].tolist()
+    parts: list[Encoding] = []
+    for start in range(0, len(ids), batch_size):
+        batch = ids[start:start + batch_size]
+        parts.append(encoder.encode([cohort.read_image(start + k) for k in range(len(batch))],
+                                    boxes=[list((boxes or {}).get(i, [])) for i in batch], return_grid=return_grid))
+        parts[-1].roi_image = parts[-1].roi_image + start
+    return Encoding(
+        cls=np.concatenate([e.cls for e in parts]), patch_mean=np.concatenate([e.patch_mean for e in parts]),
+        roi_local=np.concatenate([e.roi_local for e in parts]), roi_image=np.concatenate([e.roi_image for e in parts]),
+        geometry=[g for e in parts for g in e.geometry],
+        grid=np.concatenate([e.grid for e in parts]) if return_grid else None,
+    )
 
 
 def _encode_in_batches(encoder: Encoder, items: Iterable[list[Pass]], batch_size: int) -> Embeddings:

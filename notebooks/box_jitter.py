@@ -67,6 +67,7 @@ from cxrcore.cohorts import check_cohort
 from cxrcore.cohorts.chestxdet10 import CHESTXDET10_CLASSES, ChestXDet10
 from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
 from cxrcore.encoders import check_encoders
+from cxrcore.extract import encode_images
 from cxrcore.io import read_image_size
 
 BOX_COHORTS = ["chestxdet10"]
@@ -128,12 +129,8 @@ for key in encoders:
         return _forward(pixels)
 
     enc.forward = counted_forward  # every encode() goes through Encoder.forward once per batch
-    grids, geoms = [], []
-    for start in range(0, len(md), batch_size):
-        e = enc.encode([data.read_image(i) for i in range(start, min(start + batch_size, len(md)))], return_grid=True)
-        grids.append(e.grid)
-        geoms += e.geometry
-    store[key] = (np.concatenate(grids), geoms)
+    e = encode_images(data, enc, return_grid=True, batch_size=batch_size)
+    store[key] = (e.grid, e.geometry)
     print(f"{key}: {n_forward['images']} images through the network for {len(md)} images; "
           f"grid {store[key][0].shape[1:3]} x {store[key][0].shape[3]}")
     assert n_forward["images"] == len(md), "a jitter setting must not cost a forward pass"

@@ -75,6 +75,7 @@ from cxrcore.cohorts import check_cohort
 from cxrcore.cohorts.chestxdet10 import CHESTXDET10_CLASSES, ChestXDet10
 from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
 from cxrcore.encoders import check_encoders
+from cxrcore.extract import encode_images
 from cxrcore.geometry import make_geometry
 from cxrcore.io import read_image_size
 
@@ -197,14 +198,9 @@ report.publish_figure(fig, "fig-chestxdet10-examples", output_dir)
 emb = {}
 for key in encoders:
     enc = cxrcore.load_encoder(key, weights=weights.get(key), stand_in=stand_in)
-    parts, n_forward = [], 0
-    for start in range(0, len(md), batch_size):
-        ids = md["image_id"].iloc[start:start + batch_size].tolist()
-        e = enc.encode([data.read_image(start + k) for k in range(len(ids))], boxes=[boxes_per_image.get(i, []) for i in ids])
-        parts.append(e)
-        n_forward += len(ids)
-    emb[key] = {m: np.concatenate([getattr(p, m) for p in parts]) for m in ("cls", "patch_mean", "roi_local")}
-    assert n_forward == len(md) and len(emb[key]["roi_local"]) == len(roi_rows)
+    e = encode_images(data, enc, boxes=boxes_per_image, batch_size=batch_size)
+    emb[key] = {m: getattr(e, m) for m in ("cls", "patch_mean", "roi_local")}
+    assert len(e.cls) == len(md) and len(emb[key]["roi_local"]) == len(roi_rows)
     if enc.spec.global_pool == "gap":
         same = np.allclose(emb[key]["cls"], emb[key]["patch_mean"], atol=1e-5)
         print(f"{key}: cls == patch_mean (global average pool): {same}")

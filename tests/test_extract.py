@@ -140,3 +140,28 @@ def test_batch_encoder_is_a_pure_batch_function(encoder):
     a = fn({k: v[:1] for k, v in batch.items()})
     b = fn({k: v[1:] for k, v in batch.items()})
     np.testing.assert_allclose(np.concatenate([a["roi_local"], b["roi_local"]]), out["roi_local"], atol=1e-5)
+
+
+def test_encode_images_is_one_pass_in_metadata_order_with_boxes_and_grids():
+    import cxrcore
+    from cxrcore.cohorts import SyntheticCohort
+    from cxrcore.extract import encode_images
+    from cxrcore.pooling import roi_local
+
+    cohort = SyntheticCohort(n_images=5, seed=2, size=128)
+    enc = cxrcore.load_encoder("rad-dino", stand_in=True)
+    calls = []
+    forward = enc.forward
+    enc.forward = lambda x: calls.append(x.shape[0]) or forward(x)
+    ids = cohort.metadata["image_id"].tolist()
+    boxes = {ids[1]: [(10, 10, 40, 40)], ids[4]: [(0, 0, 128, 128), (60, 60, 70, 70)]}
+    out = encode_images(cohort, enc, boxes=boxes, return_grid=True, batch_size=2)
+    assert sum(calls) == 5 and len(calls) == 3  # each image once, in batches of 2
+    assert out.cls.shape[0] == 5 and out.grid.shape[0] == 5 and len(out.geometry) == 5
+    assert out.roi_image.tolist() == [1, 4, 4]
+    one = enc.encode([cohort.read_image(4)], boxes=[boxes[ids[4]]])
+    np.testing.assert_allclose(out.roi_local[1:], one.roi_local, atol=1e-5)
+    np.testing.assert_allclose(out.cls[4], one.cls[0], atol=1e-5)
+    # the stored grid re-pools any box without a forward pass
+    again, _ = roi_local(out.grid[4:5], out.geometry[4:5], [boxes[ids[4]]])
+    np.testing.assert_allclose(again, out.roi_local[1:], atol=1e-5)
