@@ -243,3 +243,41 @@ def jitter_frame(boxes: pd.DataFrame, sigma_px: float, *, scale_sigma: float = 0
         out[pos[idx]] = jitter_boxes(boxes.iloc[idx][cols].to_numpy(float), sigma_px, scale_sigma=scale_sigma,
                                      seed=image_seed(seed, image_id), image_hw=hw)
     return out
+
+
+def chestxdet10_controls(cohort, *, lung_mask_dir: str | None = None, gap_px: float = 0.0,
+                         seed: int = 0) -> tuple[pd.DataFrame, dict[str, tuple[int, int]], bool]:
+    """Matched control boxes for a ChestX-Det10 cohort's lesion boxes, in metadata order.
+
+    Image sizes come from the file headers; every finding of all ten classes (not only the
+    cohort's) is avoided; lung masks are read as ``<lung_mask_dir>/<split>/<file_name>``
+    (default ``<root>/lung_masks``, which the synthetic cohort writes). Returns the pairs
+    frame (see :func:`control_boxes_frame`), ``image_id -> (height, width)``, and whether
+    lung masks were used (without them controls are kept only off the findings).
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .cohorts.chestxdet10 import CHESTXDET10_CLASSES, ChestXDet10
+    from .io import read_image_size
+
+    md = cohort.metadata
+    split_of = md.set_index("image_id")["split"]
+    hw_of = {}
+    for i, p in md.set_index("image_id")["path"].items():  # headers only
+        size = read_image_size(p)
+        hw_of[i] = (size.height, size.width)
+    mask_dir = Path(lung_mask_dir) if lung_mask_dir else Path(cohort.root) / "lung_masks"
+
+    def lung_mask(image_id):
+        p = mask_dir / split_of[image_id] / image_id
+        return np.asarray(Image.open(p)) > 0 if p.is_file() else None
+
+    every_finding = ChestXDet10(cohort.root, classes=CHESTXDET10_CLASSES, check_files=False).boxes
+    use_masks = mask_dir.is_dir()
+    pairs = control_boxes_frame(cohort.boxes, hw_of.get, avoid=every_finding, lung_mask=lung_mask if use_masks else None,
+                                gap_px=gap_px, seed=seed)
+    order = pairs["image_id"].map({i: k for k, i in enumerate(md["image_id"])})
+    pairs = pairs.assign(order=order).sort_values("order", kind="stable").drop(columns="order")
+    return pairs, hw_of, use_masks

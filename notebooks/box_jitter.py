@@ -54,21 +54,17 @@ batch_size: int = 8  # images per forward pass
 output_dir: str = "book/_generated/figures/box_jitter"  # where figures and tables are written
 
 # %%
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 import cxrcore
 from cxrcore import report
-from cxrcore.boxes import control_boxes_frame, jitter_frame, still_overlapping
+from cxrcore.boxes import chestxdet10_controls, jitter_frame, still_overlapping
 from cxrcore.cohorts import check_cohort
-from cxrcore.cohorts.chestxdet10 import CHESTXDET10_CLASSES, ChestXDet10
 from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
 from cxrcore.encoders import check_encoders
 from cxrcore.extract import encode_images
-from cxrcore.io import read_image_size
 
 BOX_COHORTS = ["chestxdet10"]
 check_encoders(encoders)
@@ -93,22 +89,8 @@ print("root:", root, "| produced with:", provenance)
 
 # %%
 md = data.metadata
-split_of = md.set_index("image_id")["split"]
-size_of = {i: read_image_size(p) for i, p in md.set_index("image_id")["path"].items()}  # headers only
-hw_of = {i: (s.height, s.width) for i, s in size_of.items()}
-mask_dir = Path(lung_mask_dir) if lung_mask_dir else root / "lung_masks"
-
-
-def lung_mask(image_id):
-    p = mask_dir / split_of[image_id] / image_id
-    return np.asarray(Image.open(p)) > 0 if p.is_file() else None
-
-
-every_finding = ChestXDet10(root, classes=CHESTXDET10_CLASSES, check_files=False).boxes
-pairs = control_boxes_frame(data.boxes, hw_of.get, avoid=every_finding, lung_mask=lung_mask if mask_dir.is_dir() else None,
-                            gap_px=control_gap_px, seed=seed)
-pairs["order"] = pairs["image_id"].map({i: k for k, i in enumerate(md["image_id"])})
-pairs = pairs.sort_values(["order"], kind="stable").reset_index(drop=True)
+pairs, hw_of, _ = chestxdet10_controls(data, lung_mask_dir=lung_mask_dir, gap_px=control_gap_px, seed=seed)
+pairs = pairs.reset_index(drop=True)
 print(f"{len(pairs)} lesion boxes with a matched control in {pairs['image_id'].nunique()} images "
       f"({len(data.boxes) - len(pairs)} without one); strata: {pairs['stratum'].value_counts().to_dict()}")
 

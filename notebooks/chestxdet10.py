@@ -62,22 +62,18 @@ batch_size: int = 8  # images per forward pass
 output_dir: str = "book/_generated/figures/chestxdet10"  # where figures and tables are written
 
 # %%
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 import cxrcore
 from cxrcore import report
-from cxrcore.boxes import control_boxes_frame
+from cxrcore.boxes import chestxdet10_controls
 from cxrcore.cohorts import check_cohort
-from cxrcore.cohorts.chestxdet10 import CHESTXDET10_CLASSES, ChestXDet10
 from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
 from cxrcore.encoders import check_encoders
 from cxrcore.extract import encode_images
 from cxrcore.geometry import make_geometry
-from cxrcore.io import read_image_size
 
 BOX_COHORTS = ["chestxdet10"]
 check_encoders(encoders)
@@ -101,23 +97,10 @@ print("root:", root, "| produced with:", provenance)
 
 # %%
 md = data.metadata
-split_of = md.set_index("image_id")["split"]
-path_of = md.set_index("image_id")["path"]
-size_of = {i: read_image_size(p) for i, p in path_of.items()}  # headers only
-mask_dir = Path(lung_mask_dir) if lung_mask_dir else root / "lung_masks"
-
-
-def lung_mask(image_id):
-    p = mask_dir / split_of[image_id] / image_id
-    return np.asarray(Image.open(p)) > 0 if p.is_file() else None
-
-
-every_finding = ChestXDet10(root, classes=CHESTXDET10_CLASSES, check_files=False).boxes
-pairs = control_boxes_frame(data.boxes, lambda i: (size_of[i].height, size_of[i].width), avoid=every_finding,
-                            lung_mask=lung_mask if mask_dir.is_dir() else None, gap_px=control_gap_px, seed=seed)
+pairs, hw_of, used_masks = chestxdet10_controls(data, lung_mask_dir=lung_mask_dir, gap_px=control_gap_px, seed=seed)
 no_control = len(data.boxes) - len(pairs)
 print(f"{len(data.boxes)} lesion boxes; {len(pairs)} with a matched control; {no_control} without "
-      f"(no free same-size place in the lung field){'' if mask_dir.is_dir() else '; no lung masks: controls kept off findings only'}")
+      f"(no free same-size place in the lung field){'' if used_masks else '; no lung masks: controls kept off findings only'}")
 
 # One list of boxes per image, lesion boxes then their controls, in metadata order: the
 # roi_local rows of one forward pass come back in this order.
@@ -149,7 +132,7 @@ counts
 
 # %%
 side = np.sqrt(data.boxes["area"])
-h0, w0 = size_of[md["image_id"].iloc[0]].height, size_of[md["image_id"].iloc[0]].width
+h0, w0 = hw_of[md["image_id"].iloc[0]]
 patch_rows = []
 for c in classes:
     s = float(side[data.boxes["class"] == c].median())

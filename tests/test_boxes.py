@@ -143,3 +143,25 @@ def test_frame_helpers():
     # image b's jitter does not depend on image a being there or on the frame's order of images
     assert np.array_equal(j1[2], jitter_frame(df.iloc[2:], 8.0, seed=0)[0])
     assert np.allclose(j1[2], j2[2])
+
+
+def test_chestxdet10_controls_on_the_synthetic_release(tmp_path):
+    from cxrcore.boxes import chestxdet10_controls
+    from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
+
+    data = open_chestxdet10("", generated_root=tmp_path / "det", n_images=24, seed=3, image_size=256)
+    pairs, hw_of, used_masks = chestxdet10_controls(data, gap_px=2, seed=0)
+    assert used_masks  # the synthetic release writes lung masks
+    assert set(hw_of) == set(data.metadata["image_id"]) and all(hw == (256, 256) for hw in hw_of.values())
+    assert len(pairs) > 0 and set(pairs.index) <= set(data.boxes.index)
+    order = {i: k for k, i in enumerate(data.metadata["image_id"])}
+    ranks = pairs["image_id"].map(order).to_numpy()
+    assert (np.diff(ranks) >= 0).all(), "pairs come back in metadata order"
+    same = (pairs[["x2", "y2"]].to_numpy() - pairs[["x1", "y1"]].to_numpy()
+            == pairs[["cx2", "cy2"]].to_numpy() - pairs[["cx1", "cy1"]].to_numpy())
+    assert same.all(), "a control has its lesion's size"
+    for _, r in pairs.iterrows():
+        lesions = data.boxes.loc[data.boxes["image_id"] == r["image_id"], ["x1", "y1", "x2", "y2"]].to_numpy(float)
+        ix = np.minimum(r.cx2, lesions[:, 2]) - np.maximum(r.cx1, lesions[:, 0])
+        iy = np.minimum(r.cy2, lesions[:, 3]) - np.maximum(r.cy1, lesions[:, 1])
+        assert not ((ix > 0) & (iy > 0)).any(), "a control never overlaps a lesion of its image"
