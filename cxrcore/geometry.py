@@ -14,7 +14,9 @@ function the Hugging Face image processors (transformers >= 5, torchvision backe
 and open_clip's / torchvision's tensor transforms call: float images are resampled in
 float (no clipping), 8-bit images in 8 bits (on the CPU torchvision's native uint8
 kernels, which round and clip between the two separable passes, as PIL does), so an
-8-bit radiograph gets the very pixels the reference processor gives it.
+8-bit radiograph gets the very pixels the reference processor gives it. Families whose
+reference pipeline resizes PIL images (open_clip, torchvision's DINO evaluation) resize
+8-bit images with Pillow itself (``resampler="pil"``).
 
 Two library conventions differ between families and are parameters here:
 
@@ -43,6 +45,7 @@ GeometryMode = Literal["pad_square", "center_crop", "resize"]
 GEOMETRY_MODES: tuple[str, ...] = ("pad_square", "center_crop", "resize")
 CROP_ROUNDINGS: tuple[str, ...] = ("floor", "round")
 CELL_RULES: tuple[str, ...] = ("patch", "rf_centre")
+RESAMPLERS: tuple[str, ...] = ("torchvision", "pil")
 
 #: Overlap (in cell units) below which a box edge counts as lying on a cell boundary.
 CELL_EDGE_TOLERANCE = 1e-6
@@ -73,6 +76,7 @@ class Geometry:
     crop: tuple[int, int] = (0, 0)  # top, left (resized px)
     cell_rule: str = "patch"
     cell_centre0: float = 0.0
+    resampler: str = "torchvision"  # or "pil": 8-bit images resized by Pillow, as PIL-based pipelines do
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -194,15 +198,21 @@ class Geometry:
             # zero padding: 0 is black both for uint8 and for images already scaled to [0, 1]
             x = F.pad(x, (left, right, top, bottom), mode="constant", value=0)
         if tuple(x.shape[-2:]) != self.resized_hw:
-            x = resample(x, self.resized_hw, interpolation)
+            x = resample(x, self.resized_hw, interpolation, pil=self.resampler == "pil")
         t, l = self.crop
         h, w = self.input_hw
         x = x[..., t : t + h, l : l + w]
         return x.squeeze(0)
 
 
-def resample(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, C, *size]`` with torchvision's resize, as the reference processors do."""
+def resample(x: torch.Tensor, size: tuple[int, int], interpolation: str, *, pil: bool = False) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, C, *size]`` with torchvision's resize, as the reference processors do.
+
+    ``pil=True``: 8-bit images are resized by Pillow (channel by channel, on the CPU), as
+    pipelines that resize PIL images do (open_clip's preprocess, torchvision transforms on
+    PIL images); torchvision's uint8 kernel differs from Pillow's by up to 2 grey levels in
+    a few pixels. Float images always take torchvision's float path (no PIL equivalent).
+    """
     import torchvision.transforms.v2.functional as tvF
     from torchvision.transforms import InterpolationMode
 
@@ -211,6 +221,15 @@ def resample(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torc
     except ValueError:
         raise ValueError(f"unknown interpolation {interpolation!r}; expected one of "
                          f"{[m.value for m in InterpolationMode]}") from None
+    if pil and x.dtype == torch.uint8:
+        from PIL import Image
+
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        a = x.cpu().numpy()
+        out = np.stack([np.stack([np.asarray(Image.fromarray(ch).resize((size[1], size[0]), pil_modes_mapping[mode]))
+                                  for ch in img]) for img in a])
+        return torch.from_numpy(out).to(x.device)
     return tvF.resize(x, list(size), interpolation=mode, antialias=True)
 
 
@@ -230,7 +249,7 @@ def center_crop_offset(resized: int, size: int, rounding: str = "floor") -> int:
 
 def make_geometry(src_hw: tuple[int, int], size: int, stride: int, mode: str = "pad_square", *,
                   resize_short: int | None = None, crop_rounding: str = "floor", cell_rule: str = "patch",
-                  cell_centre0: float = 0.0) -> Geometry:
+                  cell_centre0: float = 0.0, resampler: str = "torchvision") -> Geometry:
     """Build the :class:`Geometry` that takes an ``src_hw`` image to a ``size`` x ``size`` input.
 
     ``pad_square``: pad the shorter side symmetrically with zeros to a square, then
@@ -251,7 +270,9 @@ def make_geometry(src_hw: tuple[int, int], size: int, stride: int, mode: str = "
         )
     if cell_rule not in CELL_RULES:
         raise ValueError(f"unknown cell rule {cell_rule!r}; expected one of {CELL_RULES}")
-    cells = dict(cell_rule=cell_rule, cell_centre0=float(cell_centre0))
+    if resampler not in RESAMPLERS:
+        raise ValueError(f"unknown resampler {resampler!r}; expected one of {RESAMPLERS}")
+    cells = dict(cell_rule=cell_rule, cell_centre0=float(cell_centre0), resampler=resampler)
     if mode == "pad_square":
         m = max(h, w)
         left = (m - w) // 2

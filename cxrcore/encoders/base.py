@@ -331,7 +331,7 @@ class Encoder:
     """A frozen encoder behind the common contract (see module docstring).
 
     Family subclasses set ``family`` and implement ``build``, ``build_meta``,
-    ``forward_tokens`` and ``save``. ``crop_rounding`` and ``cell_rule`` /
+    ``forward_tokens`` and ``save``. ``crop_rounding``, ``resampler`` and ``cell_rule`` /
     ``cell_centre0`` are the family's library conventions (see :mod:`cxrcore.geometry`).
 
     ``dtype`` is the dtype of the weights and of the forward pass: float32 (default),
@@ -344,6 +344,7 @@ class Encoder:
     crop_rounding: ClassVar[str] = "floor"
     cell_rule: ClassVar[str] = "patch"
     cell_centre0: ClassVar[float] = 0.0
+    resampler: ClassVar[str] = "torchvision"
     spec: EncoderSpec
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -425,7 +426,7 @@ class Encoder:
 
     def geometry_for(self, hw: tuple[int, int]) -> Geometry:
         return make_geometry(hw, self.input_size, self.patch_size, self.geometry, crop_rounding=self.crop_rounding,
-                             cell_rule=self.cell_rule, cell_centre0=self.cell_centre0)
+                             cell_rule=self.cell_rule, cell_centre0=self.cell_centre0, resampler=self.resampler)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[Geometry]]:
         """Apply the geometry step, scale to [0, 1], replicate grey to 3 channels, normalise (float32).
@@ -502,7 +503,7 @@ class Encoder:
                                if p.dtype == torch.float32}) if self.model is not None and self.dtype != torch.float32 else []
         d.update(weights=str(self.weights), stand_in=self.stand_in, input_size=self.input_size,
                  patch_size=self.patch_size, geometry=self.geometry, crop_rounding=self.crop_rounding,
-                 cell_rule=self.cell_rule, dtype=str(self.dtype),
+                 resampler=self.resampler, cell_rule=self.cell_rule, dtype=str(self.dtype),
                  weights_dtype=kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "unknown"),
                  parameter_dtypes=counts, fp32_modules=fp32_modules,
                  fp32_parts=FP32_PARTS if self.dtype != torch.float32 else "everything (float32 run)")

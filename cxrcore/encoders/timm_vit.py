@@ -66,6 +66,7 @@ class TimmViTEncoder(Encoder):
 
     family = "timm_vit"
     crop_rounding = "round"  # timm's eval transform ends in torchvision's CenterCrop
+    resampler = "pil"  # its reference pipeline resizes PIL images
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -113,7 +114,7 @@ class TimmViTEncoder(Encoder):
         crop_pct = float(self.spec.arch.get("crop_pct", 1.0))
         return make_geometry(hw, self.input_size, self.patch_size, "center_crop",
                              resize_short=math.floor(self.input_size / crop_pct), crop_rounding=self.crop_rounding,
-                             cell_rule=self.cell_rule, cell_centre0=self.cell_centre0)
+                             cell_rule=self.cell_rule, cell_centre0=self.cell_centre0, resampler=self.resampler)
 
     def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.model.forward_features(pixels)
