@@ -246,6 +246,10 @@ def explain_load_failure(spec: EncoderSpec, weights: str, exc: BaseException) ->
     return WeightsUnavailableError(" ".join(lines))
 
 
+#: EncoderSpec fields that document the published model (the book's encoders table), not the run.
+DESCRIPTIVE_FIELDS = ("citation", "notes", "pretraining_data", "objective", "input_size_reason", "token_layout",
+                      "cls_embedding", "licence", "geometry_options")
+
 #: dtype names load_encoder accepts, besides torch dtypes
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -496,7 +500,10 @@ class Encoder:
         ``parameter_dtypes`` when they differ); ``fp32_parts`` says what stays float32.
         """
         d = asdict(self.spec)
-        d.pop("arch", None)
+        # the table facts describe the published model, they do not change an embedding: kept out, so that a
+        # provenance mismatch names what differs in the run (they are in encoder_spec(key))
+        for k in ("arch", *DESCRIPTIVE_FIELDS):
+            d.pop(k, None)
         counts = parameter_dtypes(self.model) if self.model is not None else {}
         kinds = sorted(counts)
         fp32_modules = sorted({n.rpartition(".")[0] for n, p in self.model.named_parameters()
