@@ -38,7 +38,7 @@ from .cohorts.base import Cohort
 from .encoders.base import Encoder, Encoding
 from .geometry import Geometry
 from .perturb import Panel, PerturbationCell, load_panel, placement_map, random_location  # noqa: F401  (re-exported)
-from .pooling import POOLING_MODES, patch_mean, roi_local
+from .pooling import POOLING_MODES, excluded_reasons, patch_mean, roi_local
 from .store import (Embeddings, chunk_ranges, done_chunks, file_sha256, geometry_to_json, image_hash, open_store,
                     parse_shard, remove_stale_temporaries, shard_chunks, write_chunk)
 
@@ -203,12 +203,14 @@ def encode_batch(encoder: Encoder, passes: Sequence[Pass], *, store_grid: bool =
         x = torch.stack([p.pixels for p in passes]).to(encoder.device)
         geoms = [p.geometry for p in passes]
         glob, grid = encoder.forward(x)
-        roi, owner = roi_local(grid, geoms, boxes)
+        roi, owner, visible = roi_local(grid, geoms, boxes, return_visible=True)
+        excluded = excluded_reasons(visible)
         cls_, pm = glob.cpu().numpy(), patch_mean(grid).cpu().numpy()
         grid_np = grid.cpu().numpy() if store_grid else None
     else:
         enc = encoder.encode([p.image for p in passes], boxes=boxes, return_grid=store_grid)
         roi, owner, cls_, pm, geoms, grid_np = enc.roi_local, enc.roi_image, enc.cls, enc.patch_mean, enc.geometry, enc.grid
+        visible, excluded = enc.roi_visible, enc.roi_excluded
     dim = cls_.shape[1]
     rows: list[dict] = []
     f_cls, f_pm, f_roi = [], [], []
@@ -216,12 +218,13 @@ def encode_batch(encoder: Encoder, passes: Sequence[Pass], *, store_grid: bool =
     for b, p in enumerate(passes):
         gj = geometry_to_json(geoms[b])
         for j, r in enumerate(p.rows):
-            rows.append({**r, "geometry": gj})
+            rows.append({**r, "geometry": gj, "roi_visible": np.nan, "roi_excluded": None})
             f_cls.append(cls_[b])
             f_pm.append(pm[b])
             if p.boxes:
                 assert owner[k + j] == b
-                f_roi.append(roi[k + j])
+                f_roi.append(roi[k + j])  # NaN when the box was excluded; the row says why
+                rows[-1].update(roi_visible=float(visible[k + j]), roi_excluded=excluded[k + j] or None)
             else:
                 f_roi.append(np.full(dim, np.nan, np.float32))
         k += len(p.boxes)
@@ -334,6 +337,8 @@ _META_TYPES: dict[str, pa.DataType] = {
     "x1": pa.float64(), "y1": pa.float64(), "x2": pa.float64(), "y2": pa.float64(),
     "center_y": pa.float64(), "center_x": pa.float64(), "pass_id": pa.int64(), "seed": pa.int64(),
     "image_hash": pa.string(), "geometry": pa.string(),
+    # box rows: fraction of the box inside the model input; why its roi_local is null (null when pooled)
+    "roi_visible": pa.float64(), "roi_excluded": pa.string(),
 }
 
 

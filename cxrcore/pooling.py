@@ -3,12 +3,17 @@
 - ``cls``: the encoder's global embedding (the CLS token for ViTs with one; the
   attention-pool head for SigLIP, which has no CLS; global average pool for a CNN).
 - ``patch_mean``: the mean over all final-layer patch tokens (registers excluded).
-- ``roi_local``: the mean over the patch tokens whose cells a region-of-interest box
-  touches, the box given in original-image pixels and mapped through the exact
-  preprocessing :class:`~cxrcore.geometry.Geometry`.
+- ``roi_local``: the mean over the patch tokens of the cells a region-of-interest box
+  covers, the box given in original-image pixels and mapped through the exact
+  preprocessing :class:`~cxrcore.geometry.Geometry` (:meth:`~cxrcore.geometry.Geometry.cells`).
 
-Pooling is a pure function of tokens and geometry, so ROIs can be re-pooled later
-from a stored patch grid (the box-jitter analysis) without a new forward pass.
+A box that the preprocessing mostly cut away (a centre crop drops the image's long
+ends) is not pooled: its visible fraction (box area that is image inside the model
+input) is computed, and a box below :data:`MIN_VISIBLE_FRACTION` is excluded, its
+``roi_local`` row NaN, with the reason :func:`exclusion_reason` names; a batch never fails
+for one box. Pooling is a pure function of tokens and geometry, so ROIs can be re-pooled
+later from a stored patch grid (the box-jitter analysis) without a new forward pass.
+Means are taken in float32 whatever dtype the encoder ran in.
 """
 
 from __future__ import annotations
@@ -22,45 +27,89 @@ from .geometry import Geometry
 
 POOLING_MODES: tuple[str, ...] = ("cls", "patch_mean", "roi_local")
 
+#: A box is pooled only when at least this fraction of its area is image inside the model
+#: input. Half: a box more cut away than kept describes mostly tissue the encoder never
+#: saw. Override per call (``min_visible=``) or for a session by setting this attribute.
+MIN_VISIBLE_FRACTION = 0.5
+
 Box = Sequence[float]
 
 
 def patch_mean(grid: torch.Tensor) -> torch.Tensor:
-    """Mean over all patch tokens: ``[B, h, w, D] -> [B, D]``."""
+    """Mean over all patch tokens: ``[B, h, w, D] -> [B, D]`` (float32)."""
     return grid.float().mean(dim=(1, 2))
+
+
+def exclusion_reason(min_visible: float | None = None) -> str:
+    """The reason recorded for a box left out of ``roi_local`` (one string per threshold, so counts group)."""
+    t = MIN_VISIBLE_FRACTION if min_visible is None else float(min_visible)
+    return f"box cropped away: less than {t:.0%} of it inside the model input"
+
+
+def excluded_reasons(visible: np.ndarray, min_visible: float | None = None) -> np.ndarray:
+    """Per box: ``""`` when pooled, else :func:`exclusion_reason` (object array aligned with ``visible``)."""
+    t = MIN_VISIBLE_FRACTION if min_visible is None else float(min_visible)
+    v = np.asarray(visible, np.float64)
+    out = np.full(v.shape, "", dtype=object)
+    out[(v < t) | (v <= 0)] = exclusion_reason(t)
+    return out
+
+
+def _check_box(i: int, box: Box) -> tuple[float, float, float, float]:
+    if len(box) != 4:
+        raise ValueError(f"image {i}: box {box!r} must be (x1, y1, x2, y2)")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(np.isfinite((x1, y1, x2, y2))) or not (x2 > x1 and y2 > y1):
+        raise ValueError(f"image {i}: box {tuple(box)} is empty or inverted (or not finite); expected x2 > x1 and y2 > y1")
+    return x1, y1, x2, y2
 
 
 def roi_local(
     grid: torch.Tensor | np.ndarray,
     geometries: Sequence[Geometry],
     boxes: Sequence[Sequence[Box]] | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of the patch tokens each box touches.
+    *,
+    min_visible: float | None = None,
+    return_visible: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean of the patch tokens of the cells each box covers.
 
     ``grid`` is ``[B, h, w, D]``; ``boxes[i]`` lists image ``i``'s boxes in its own
-    original pixels. Returns ``(roi [n_boxes, D] float32, roi_image [n_boxes] int)``
-    where ``roi_image`` says which image each row came from, in input order.
+    original pixels. Returns ``(roi [n_boxes, D] float32, roi_image [n_boxes] int)``, and
+    with ``return_visible=True`` also ``visible [n_boxes]`` (the fraction of each box
+    inside the model input), rows in input order. A box whose visible fraction is
+    below ``min_visible`` (default :data:`MIN_VISIBLE_FRACTION`) or zero keeps its row,
+    filled with NaN; :func:`excluded_reasons` gives the reason per row.
     """
     g = torch.as_tensor(grid)
     d = g.shape[-1]
+    t = MIN_VISIBLE_FRACTION if min_visible is None else float(min_visible)
+    empty = (np.zeros((0, d), np.float32), np.zeros(0, np.int64))
     if boxes is None:
-        return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+        return (*empty, np.zeros(0)) if return_visible else empty
     if len(boxes) != g.shape[0]:
         raise ValueError(f"boxes has {len(boxes)} entries but there are {g.shape[0]} images; give one (possibly empty) list of boxes per image")
-    rows: list[torch.Tensor] = []
+    rows: list[torch.Tensor | None] = []
     owner: list[int] = []
+    visible: list[float] = []
     for i, (geom, img_boxes) in enumerate(zip(geometries, boxes)):
         if tuple(g.shape[1:3]) != geom.grid:
             raise ValueError(f"image {i}: token grid {tuple(g.shape[1:3])} does not match its geometry's grid {geom.grid}")
-        for box in img_boxes or ():
-            if len(box) != 4:
-                raise ValueError(f"image {i}: box {box!r} must be (x1, y1, x2, y2)")
-            x1, y1, x2, y2 = (float(v) for v in box)
-            if not (x2 > x1 and y2 > y1):
-                raise ValueError(f"image {i}: box {tuple(box)} is empty or inverted; expected x2 > x1 and y2 > y1")
+        checked = [_check_box(i, box) for box in img_boxes or ()]
+        vis = geom.visible_fraction(checked) if checked else np.zeros(0)
+        for box, v in zip(checked, vis):
+            owner.append(i)
+            visible.append(float(v))
+            if v < t or v <= 0:
+                rows.append(None)
+                continue
             r0, r1, c0, c1 = geom.cells(box)
             rows.append(g[i, r0:r1, c0:c1].float().mean(dim=(0, 1)))
-            owner.append(i)
-    if not rows:
-        return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
-    return torch.stack(rows).cpu().numpy().astype(np.float32), np.asarray(owner, np.int64)
+    if not owner:
+        return (*empty, np.zeros(0)) if return_visible else empty
+    roi = np.full((len(owner), d), np.nan, np.float32)
+    kept = [k for k, r in enumerate(rows) if r is not None]
+    if kept:
+        roi[kept] = torch.stack([rows[k] for k in kept]).cpu().numpy().astype(np.float32)
+    out = (roi, np.asarray(owner, np.int64))
+    return (*out, np.asarray(visible, np.float64)) if return_visible else out

@@ -120,21 +120,39 @@ def test_lit_square_lights_exactly_its_cells(encoder, hw):
 
 
 def test_resnet_layer4_cells_follow_the_geometry():
-    # With the bottleneck branches zeroed, a layer4 cell is the stem's output at its
-    # top-left corner: torchvision's stride-2 1x1 downsample convs keep every other
-    # position, so cell c sees input pixels [32c - 5, 32c + 5] (conv1 7x7/2 + maxpool 3x3/2).
-    # A square from 32*c0 + 2 to 32*c1 - 10 lights cells c0..c1-1 and nothing else, the
-    # same cells Geometry.cells gives; a transposed map lights the mirrored block.
+    # With the bottleneck branches zeroed, a layer4 cell is the stem's output at one input
+    # position: torchvision's stride-2 1x1 downsample convs keep every other position, so
+    # cell c sees input pixels [32c - 5, 32c + 5] (conv1 7x7/2 + maxpool 3x3/2), centred on
+    # pixel 32c: its receptive-field centre. A square from 32*c0 - 2 to 32*(c1 - 1) + 3
+    # covers the centres of cells c0..c1-1 and lights exactly those, the cells
+    # Geometry.cells gives by the receptive-field-centre rule; a transposed map lights
+    # the mirrored block. (The old rule, cell c = pixels [32c, 32c + 32), named c0-1..c1-1.)
     enc = load_encoder("dino-resnet50", stand_in=True)
     make_local(enc)
     s = enc.input_size
     g = enc.geometry_for((s, s))
     rows, cols = (1, 3), (3, 6)
-    box = (32 * cols[0] + 2, 32 * rows[0] + 2, 32 * cols[1] - 10, 32 * rows[1] - 10)
+    box = (32 * cols[0] - 2, 32 * rows[0] - 2, 32 * (cols[1] - 1) + 3, 32 * (rows[1] - 1) + 3)
     assert g.cells(box) == (*rows, *cols)
     img = np.zeros((s, s), np.float32)
     img[box[1]:box[3], box[0]:box[2]] = 1.0
     assert (lit_cells(enc, img) == g.cell_mask(box)).all()
+
+
+@pytest.mark.parametrize("cell", [(0, 0), (2, 5), (6, 6), (3, 1)])
+def test_resnet_one_lit_pixel_lights_the_cell_whose_centre_it_is(cell):
+    """A single lit input pixel at (32r, 32c) lights layer4 cell (r, c) only; a one-pixel box there maps to it."""
+    enc = load_encoder("dino-resnet50", stand_in=True)
+    make_local(enc)
+    s = enc.input_size
+    g = enc.geometry_for((s, s))
+    r, c = cell
+    img = np.zeros((s, s), np.float32)
+    img[32 * r, 32 * c] = 1.0
+    lit = lit_cells(enc, img)
+    assert lit.sum() == 1 and lit[r, c]
+    assert g.cells((32 * c, 32 * r, 32 * c + 1, 32 * r + 1)) == (r, r + 1, c, c + 1)
+    np.testing.assert_allclose(g.cell_centres(1)[c], 32 * c + 0.5)
 
 
 def test_biomedclip_cls_is_the_trunks_post_norm_cls_token():

@@ -248,12 +248,23 @@ def test_hf_wrapper_reads_a_local_model_directory(stand_ins, tmp_path, monkeypat
     assert enc.encode(_images(224)[:1], return_grid=True).grid.shape[1:3] == (14, 14)
 
 
-def test_bfloat16_is_an_autocast_option_and_other_dtypes_are_refused():
+@pytest.mark.parametrize("key", PAPER_KEYS)
+def test_bfloat16_means_bfloat16_weights_and_float32_poolings(key):
     with pytest.raises(ValueError, match="bfloat16"):
-        load_encoder("rad-dino", stand_in=True, dtype=torch.float16)
-    enc = load_encoder("biomedclip", stand_in=True, dtype=torch.bfloat16)
-    out = enc.encode(_images(224)[:1])
-    assert out.cls.dtype == np.float32 and next(enc.model.parameters()).dtype == torch.float32
+        load_encoder(key, stand_in=True, dtype=torch.float64)
+    enc = load_encoder(key, stand_in=True, dtype="bfloat16")
+    assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}
+    s = enc.input_size
+    out = enc.encode(_images(s), [[(0, 0, s, s)], [(10, 20, 60, 90)]], return_grid=True)
+    assert out.cls.dtype == out.patch_mean.dtype == out.roi_local.dtype == np.float32
+    assert all(np.isfinite(a).all() for a in (out.cls, out.patch_mean, out.roi_local))
+    prov = enc.provenance()
+    assert prov["dtype"] == "torch.bfloat16" and prov["weights_dtype"] == "bfloat16"
+    assert "normalisation" in prov["fp32_parts"] and prov["fp32_modules"] == []
+    # bf16 weights give close to, not exactly, the float32 embedding
+    ref = load_encoder(key, stand_in=True).encode(_images(s)[:1])
+    rel = np.linalg.norm(out.cls[0] - ref.cls[0]) / np.linalg.norm(ref.cls[0])
+    assert 0 < rel < 0.1, rel
 
 
 def test_timm_wrapper_honours_pretrained_cfg_crop_pct():

@@ -67,6 +67,15 @@ class EncoderSpec:
     citation: str = ""
     notes: str = ""
     arch: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
+    # -- facts for the book's encoders table (issue 11); "unknown" where no public source says
+    pretraining_data: str = "unknown"
+    objective: str = "unknown"
+    input_size_reason: str = ""  # why the model runs at `input_size`
+    token_layout: str = ""  # what the model's final token sequence holds, in order
+    cls_embedding: str = ""  # what the `cls` pooling mode is for this encoder
+    licence: str = "unknown"
+    #: other `geometry` modes load_encoder(..., geometry=) accepts, each with the source that motivates it
+    geometry_options: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -125,7 +134,10 @@ class Encoding:
     """Everything one forward pass gives: the three poolings, and optionally the patch grid.
 
     ``roi_local[k]`` pools box ``k`` in input order (boxes of image 0, then image 1,
-    ...); ``roi_image[k]`` is the index of the image it came from.
+    ...); ``roi_image[k]`` is the index of the image it came from; ``roi_visible[k]`` the
+    fraction of the box inside the model input; ``roi_excluded[k]`` the reason the box
+    was not pooled (``""`` if it was; its ``roi_local`` row is then NaN). Every box
+    keeps its row, so rows stay aligned with the boxes given.
     """
 
     cls: np.ndarray
@@ -134,9 +146,59 @@ class Encoding:
     roi_image: np.ndarray
     geometry: list[Geometry]
     grid: np.ndarray | None = None
+    roi_visible: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    roi_excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+
+    def __post_init__(self) -> None:
+        n = len(self.roi_local)
+        if len(self.roi_visible) != n or len(self.roi_excluded) != n:
+            # built by hand without them (e.g. concatenated without `concat`): not known per box,
+            # but a NaN row is still an exclusion, so it is never counted as pooled
+            nan_rows = np.isnan(np.asarray(self.roi_local, np.float64)).all(axis=1) if n else np.zeros(0, bool)
+            self.roi_visible = np.full(n, np.nan)
+            self.roi_excluded = np.where(nan_rows, "excluded (reason not recorded)", "").astype(object)
+
+    @classmethod
+    def concat(cls, parts: "Sequence[Encoding]", image_offsets: "Sequence[int] | None" = None) -> "Encoding":
+        """One Encoding from several (batches in order); ``image_offsets[i]`` is added to part i's ``roi_image``."""
+        offs = list(image_offsets) if image_offsets is not None else [0] * len(parts)
+        grids = [e.grid for e in parts]
+        return cls(
+            cls=np.concatenate([e.cls for e in parts]), patch_mean=np.concatenate([e.patch_mean for e in parts]),
+            roi_local=np.concatenate([e.roi_local for e in parts]),
+            roi_image=np.concatenate([e.roi_image + o for e, o in zip(parts, offs)]),
+            geometry=[g for e in parts for g in e.geometry],
+            grid=np.concatenate(grids) if all(g is not None for g in grids) else None,
+            roi_visible=np.concatenate([e.roi_visible for e in parts]),
+            roi_excluded=np.concatenate([np.asarray(e.roi_excluded, dtype=object) for e in parts]),
+        )
 
     def __len__(self) -> int:
         return self.cls.shape[0]
+
+    @property
+    def excluded_boxes(self) -> "pd.DataFrame":
+        """One row per box left out of ``roi_local``: ``roi_row``, ``image``, ``box`` (index within its image), ``visible``, ``reason``."""
+        import pandas as pd
+
+        owner = np.asarray(self.roi_image, np.int64)
+        within = np.zeros(len(owner), np.int64)
+        for i in np.unique(owner):
+            within[owner == i] = np.arange(int((owner == i).sum()))
+        bad = np.flatnonzero(np.asarray(self.roi_excluded, dtype=object) != "")
+        return pd.DataFrame({"roi_row": bad, "image": owner[bad], "box": within[bad],
+                             "visible": np.asarray(self.roi_visible, np.float64)[bad],
+                             "reason": np.asarray(self.roi_excluded, dtype=object)[bad].astype(str)})
+
+    @property
+    def exclusions(self) -> "pd.DataFrame":
+        """Boxes left out, counted by reason: columns ``reason``, ``count``, ``item`` (as ``Cohort.exclusions``)."""
+        import pandas as pd
+
+        ex = self.excluded_boxes
+        counts = ex.groupby("reason", sort=True).size() if len(ex) else pd.Series(dtype=np.int64)
+        return pd.DataFrame({"reason": list(counts.index), "count": [int(c) for c in counts.values],
+                             "item": ["box"] * len(counts)}, columns=["reason", "count", "item"])
 
 
 def seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -184,14 +246,109 @@ def explain_load_failure(spec: EncoderSpec, weights: str, exc: BaseException) ->
     return WeightsUnavailableError(" ".join(lines))
 
 
+#: EncoderSpec fields that document the published model (the book's encoders table), not the run.
+DESCRIPTIVE_FIELDS = ("citation", "notes", "pretraining_data", "objective", "input_size_reason", "token_layout",
+                      "cls_embedding", "licence", "geometry_options")
+
+#: dtype names load_encoder accepts, besides torch dtypes
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+#: What is not computed in a reduced dtype (bf16/fp16), recorded in provenance as ``fp32_parts``.
+FP32_PARTS = ("input scaling, geometry and normalisation (rounded once to the model dtype at its input); "
+              "the ops torch.autocast keeps in float32 on the device (on CUDA: layer_norm, softmax, ...); "
+              "cls/patch_mean/roi_local means (float32 from the model-dtype tokens); "
+              "parameters of modules the model class keeps in float32 (fp32_modules; none for the six published encoders)")
+
+
+def resolve_dtype(dtype: "torch.dtype | str") -> torch.dtype:
+    """``torch.float32`` / ``bfloat16`` / ``float16``, or their names (``"bfloat16"``, ``"bf16"``, ...)."""
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(set(DTYPES))} (or the torch dtypes)")
+        return DTYPES[key]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype} not supported; use torch.float32 (default), torch.bfloat16 (GPUs) or torch.float16")
+    return dtype
+
+
+def cast_state(state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Move a state dict to ``device`` and its floating tensors to ``dtype``, one tensor at a time (in place).
+
+    Replacing entries one by one frees each source tensor as soon as its copy exists,
+    so a checkpoint never sits in memory twice; tensors already right are not copied.
+    Integer buffers (BatchNorm's step counter) keep their dtype.
+    """
+    for k in list(state):
+        t = state[k]
+        state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    return state
+
+
+def torch_load(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint, memory-mapped (tensors read when moved or cast), weights only.
+
+    Checkpoints in torch's legacy (pre-zipfile) format cannot be mapped; those are read whole.
+    """
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def load_into_meta(model: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str,
+                   optional: tuple[str, ...] = ("num_batches_tracked",)) -> tuple[list[str], list[str]]:
+    """Put ``state`` into a model built on the meta device (``assign=True``: the tensors become the parameters).
+
+    No second copy of the weights is made. Returns (missing, unexpected) keys; a missing
+    buffer whose name ends in one of ``optional`` is created as zeros (BatchNorm's step
+    counter is unused in eval mode and absent from some exports). Raises if any other
+    tensor is left on the meta device.
+    """
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    device = next((t.device for t in state.values()), torch.device("cpu"))
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta and name.endswith(optional):
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            setattr(mod, attr, torch.zeros(buf.shape, dtype=buf.dtype, device=device))
+    missing = [k for k in missing if not k.endswith(optional)]
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left and not missing:
+        raise ValueError(f"{what}: no weights for {left[:5]} after loading")
+    return missing, unexpected
+
+
+def parameter_dtypes(model: torch.nn.Module) -> dict[str, int]:
+    """Number of parameter elements per dtype name, read off the model (what actually runs)."""
+    out: dict[str, int] = {}
+    for p in model.parameters():
+        k = str(p.dtype).removeprefix("torch.")
+        out[k] = out.get(k, 0) + p.numel()
+    return out
+
+
 class Encoder:
     """A frozen encoder behind the common contract (see module docstring).
 
     Family subclasses set ``family`` and implement ``build``, ``build_meta``,
-    ``forward_tokens`` and ``save``.
+    ``forward_tokens`` and ``save``. ``crop_rounding``, ``resampler`` and ``cell_rule`` /
+    ``cell_centre0`` are the family's library conventions (see :mod:`cxrcore.geometry`).
+
+    ``dtype`` is the dtype of the weights and of the forward pass: float32 (default),
+    or bfloat16 / float16 weights for GPUs (loaded in that dtype, not cast after an
+    fp32 load), run under ``torch.autocast`` of the same dtype. What stays float32 is
+    :data:`FP32_PARTS`; ``provenance()`` records the parameter dtypes that actually ran.
     """
 
     family: ClassVar[str] = ""
+    crop_rounding: ClassVar[str] = "floor"
+    cell_rule: ClassVar[str] = "patch"
+    cell_centre0: ClassVar[float] = 0.0
+    resampler: ClassVar[str] = "torchvision"
     spec: EncoderSpec
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -200,16 +357,16 @@ class Encoder:
             FAMILIES[cls.family] = cls
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module, *, weights: str, stand_in: bool,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 input_size: int | None = None) -> None:
+                 device: str | torch.device = "cpu", dtype: "torch.dtype | str" = torch.float32,
+                 input_size: int | None = None, geometry: str | None = None) -> None:
+        from ..geometry import GEOMETRY_MODES
+
         self.spec = spec
         self.model = model.eval().requires_grad_(False)
         self.weights = weights
         self.stand_in = stand_in
         self.device = torch.device(device)
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"{spec.key}: dtype {dtype} not supported; use torch.float32 (default) or torch.bfloat16 (autocast)")
-        self.dtype = dtype
+        self.dtype = resolve_dtype(dtype)
         self.patch_size = int(spec.patch_size)
         self.input_size = int(input_size or spec.input_size)
         if self.input_size % self.patch_size:
@@ -217,14 +374,32 @@ class Encoder:
                 f"{spec.key}: input size {self.input_size} is not a multiple of the patch size {self.patch_size}; "
                 f"use a multiple of {self.patch_size}"
             )
-        self.model.to(self.device)  # weights stay fp32; bf16 is autocast, so norms and softmax stay fp32
+        self.geometry = geometry or spec.geometry
+        allowed = (spec.geometry, *spec.geometry_options)
+        if self.geometry not in GEOMETRY_MODES or self.geometry not in allowed:
+            raise ValueError(f"{spec.key}: geometry {self.geometry!r} not offered; use one of {list(allowed)} "
+                             f"(default {spec.geometry!r})")
+        # The loaders put the weights on the device in the dtype already; this only moves
+        # what a caller built by hand (a no-op otherwise, so nothing is copied).
+        if any(p.device != self.device or (p.is_floating_point() and p.dtype != self.dtype)
+               for p in self.model.parameters()) and not self._keeps_fp32():
+            self.model.to(device=self.device, dtype=self.dtype)
         self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(3, 1, 1)
 
+    def _keeps_fp32(self) -> bool:
+        return bool(getattr(self.model, "_keep_in_fp32_modules", None))
+
     # -- family hooks ----------------------------------------------------------------------
     @classmethod
-    def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool) -> torch.nn.Module:
-        """The model: a seeded stand-in, or the published weights from ``weights``."""
+    def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool, *, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The model on ``device`` in ``dtype``: a seeded stand-in, or the published weights from ``weights``.
+
+        Real weights are loaded straight into ``dtype`` on ``device`` (never a float32
+        copy first): transformers' ``from_pretrained(dtype=, device_map=)``, or the model
+        built on the meta device and the state dict assigned (:func:`load_into_meta`).
+        """
         raise NotImplementedError
 
     @classmethod
@@ -254,39 +429,58 @@ class Encoder:
         return pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
 
     def geometry_for(self, hw: tuple[int, int]) -> Geometry:
-        return make_geometry(hw, self.input_size, self.patch_size, self.spec.geometry)
+        return make_geometry(hw, self.input_size, self.patch_size, self.geometry, crop_rounding=self.crop_rounding,
+                             cell_rule=self.cell_rule, cell_centre0=self.cell_centre0, resampler=self.resampler)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[Geometry]]:
-        """Scale to [0, 1], apply the geometry step, replicate grey to 3 channels, normalise."""
+        """Apply the geometry step, scale to [0, 1], replicate grey to 3 channels, normalise (float32).
+
+        8-bit images are resampled as uint8 and scaled afterwards, exactly as the
+        reference processors treat 8-bit input (see :mod:`cxrcore.geometry`); 16-bit and
+        float images are scaled to [0, 1] first and resampled in float32.
+        """
         if len(images) == 0:
             raise ValueError("encode() got no images")
         batch, geoms = [], []
         for i, img in enumerate(images):
-            a = to_unit_float(img, i)
-            g = self.geometry_for(a.shape)
-            batch.append(g.apply(torch.from_numpy(a).to(self.device)[None], self.spec.interpolation))
+            a = np.asarray(img)
+            if a.dtype == np.uint8 and a.ndim == 2:
+                g = self.geometry_for(a.shape)
+                t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device)[None]
+                x = g.apply(t, self.spec.interpolation).float() / 255.0
+            else:
+                a = to_unit_float(img, i)
+                g = self.geometry_for(a.shape)
+                x = g.apply(torch.from_numpy(a).to(self.device)[None], self.spec.interpolation)
+            batch.append(x)
             geoms.append(g)
         x = torch.stack(batch).expand(-1, 3, -1, -1)  # grey -> 3 identical channels, after scaling
         x = (x - self._mean) / self._std
         return x.contiguous(), geoms
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward_tokens`` under inference mode and, for ``dtype=bfloat16``, autocast."""
+        """``forward_tokens`` under inference mode, in the model dtype (autocast for bf16/fp16); float32 out."""
         with torch.inference_mode():
-            autocast = self.dtype == torch.bfloat16
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=autocast):
-                glob, grid = self.forward_tokens(pixels)
+            reduced = self.dtype != torch.float32
+            with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=reduced):
+                glob, grid = self.forward_tokens(pixels.to(self.device, self.dtype))
         return glob.float(), grid.float()
 
     @torch.inference_mode()
     def encode(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Sequence[float]]] | None = None,
-               return_grid: bool = False) -> Encoding:
-        """One forward pass over ``images`` -> ``cls``, ``patch_mean``, ``roi_local`` (and the grid)."""
+               return_grid: bool = False, min_visible: float | None = None) -> Encoding:
+        """One forward pass over ``images`` -> ``cls``, ``patch_mean``, ``roi_local`` (and the grid).
+
+        Boxes less than ``min_visible`` (default ``cxrcore.pooling.MIN_VISIBLE_FRACTION``)
+        inside the model input are excluded with a reason (``Encoding.roi_excluded``).
+        """
+        from ..pooling import excluded_reasons
+
         if boxes is not None and len(boxes) != len(images):
             raise ValueError(f"got {len(images)} images but {len(boxes)} box lists; give one (possibly empty) list per image")
         x, geoms = self.preprocess(images)
         glob, grid = self.forward(x)
-        roi, owner = roi_local(grid, geoms, boxes)
+        roi, owner, visible = roi_local(grid, geoms, boxes, min_visible=min_visible, return_visible=True)
         return Encoding(
             cls=glob.cpu().numpy(),
             patch_mean=patch_mean(grid).cpu().numpy(),
@@ -294,22 +488,41 @@ class Encoder:
             roi_image=owner,
             geometry=geoms,
             grid=grid.cpu().numpy() if return_grid else None,
+            roi_visible=visible,
+            roi_excluded=excluded_reasons(visible, min_visible),
         )
 
     def provenance(self) -> dict[str, Any]:
-        """What produced an embedding: key, weights, stand-in flag, preprocessing."""
+        """What produced an embedding: key, weights, stand-in flag, preprocessing, and the dtypes that ran.
+
+        ``input_size`` and ``geometry`` are the ones used (which may differ from the
+        published ones); ``weights_dtype`` is read off the parameters (``mixed`` with
+        ``parameter_dtypes`` when they differ); ``fp32_parts`` says what stays float32.
+        """
         d = asdict(self.spec)
-        d.pop("arch", None)
+        # the table facts describe the published model, they do not change an embedding: kept out, so that a
+        # provenance mismatch names what differs in the run (they are in encoder_spec(key))
+        for k in ("arch", *DESCRIPTIVE_FIELDS):
+            d.pop(k, None)
+        counts = parameter_dtypes(self.model) if self.model is not None else {}
+        kinds = sorted(counts)
+        fp32_modules = sorted({n.rpartition(".")[0] for n, p in self.model.named_parameters()
+                               if p.dtype == torch.float32}) if self.model is not None and self.dtype != torch.float32 else []
         d.update(weights=str(self.weights), stand_in=self.stand_in, input_size=self.input_size,
-                 patch_size=self.patch_size, dtype=str(self.dtype))
+                 patch_size=self.patch_size, geometry=self.geometry, crop_rounding=self.crop_rounding,
+                 resampler=self.resampler, cell_rule=self.cell_rule, dtype=str(self.dtype),
+                 weights_dtype=kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "unknown"),
+                 parameter_dtypes=counts, fp32_modules=fp32_modules,
+                 fp32_parts=FP32_PARTS if self.dtype != torch.float32 else "everything (float32 run)")
         return d
 
     def _write_descriptor(self, directory: Path, **extra: Any) -> None:
         (directory / CXRCORE_ENCODER_FILE).write_text(
             json.dumps({"key": self.spec.key, "family": self.spec.family, "stand_in": self.stand_in,
-                        "input_size": self.input_size, **extra}, indent=2)
+                        "input_size": self.input_size, "geometry": self.geometry, **extra}, indent=2)
         )
 
     def __repr__(self) -> str:
         tag = "random-weight stand-in" if self.stand_in else str(self.weights)
-        return f"Encoder({self.spec.key!r}, {tag}, input {self.input_size}, grid {self.grid_shape})"
+        return (f"Encoder({self.spec.key!r}, {tag}, input {self.input_size}, grid {self.grid_shape}, "
+                f"{str(self.dtype).removeprefix('torch.')})")

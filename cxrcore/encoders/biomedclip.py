@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .base import Encoder, EncoderSpec, explain_load_failure, read_descriptor, seeded
+from .base import Encoder, EncoderSpec, cast_state, torch_load, explain_load_failure, load_into_meta, read_descriptor, seeded
 
 #: ``open_clip_config.json`` of hf.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224,
 #: as quoted in open_clip's ``factory.create_model`` docstring (open_clip_torch 3.x).
@@ -93,11 +93,12 @@ def _fetch(weights: str, filename: str) -> str:
 
 
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Memory-mapped where the format allows: tensors are read when they are moved or cast."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch_load(path)
 
 
 def timm_set_input_size(encoder: Encoder, trunk: torch.nn.Module) -> None:
@@ -110,15 +111,18 @@ class BiomedClipEncoder(Encoder):
     """open_clip ``TimmModel`` image tower: CLS (pre-projection) + patch grid from ``trunk.forward_features``."""
 
     family = "open_clip_timm"
+    crop_rounding = "round"  # open_clip's preprocess is torchvision's Resize + CenterCrop
+    resampler = "pil"  # its reference pipeline resizes PIL images
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         timm_set_input_size(self, self.model.trunk)
 
     @classmethod
-    def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool) -> torch.nn.Module:
+    def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool, *, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         if stand_in:
-            return seeded(lambda: build_visual(dict(spec.arch), TIMM_STAND_IN))
+            return seeded(lambda: build_visual(dict(spec.arch), TIMM_STAND_IN)).to(device=device, dtype=dtype)
         assert weights is not None
         desc = read_descriptor(weights) or {}
         try:
@@ -147,13 +151,18 @@ class BiomedClipEncoder(Encoder):
                 f"{spec.key}: {weights}/{CONFIG_FILE} describes {v.get('timm_model_name')} at {v.get('image_size')}, "
                 f"not the published {want['timm_model_name']} at {want['image_size']}"
             )
-        visual = build_visual(config, desc.get("trunk_kwargs"))
-        if desc.get("input_size") and tuple(visual.trunk.patch_embed.img_size) != (desc["input_size"],) * 2:
-            visual.trunk.set_input_size(img_size=desc["input_size"])  # saved at another size: same table shape
+        # the skeleton on the meta device, then the checkpoint's own tensors (cast to dtype on the
+        # device, one at a time) become its parameters: no float32 copy, no second copy at all
+        with torch.device("meta"):
+            visual = build_visual(config, desc.get("trunk_kwargs"))
+            if desc.get("input_size") and tuple(visual.trunk.patch_embed.img_size) != (desc["input_size"],) * 2:
+                visual.trunk.set_input_size(img_size=desc["input_size"])  # saved at another size: same table shape
         visual_state = {k[len("visual."):]: t for k, t in state.items() if k.startswith("visual.")}
+        del state
         if not visual_state:
             raise ValueError(f"{spec.key}: no 'visual.*' weights in {weights}; is this an open_clip checkpoint?")
-        missing, unexpected = visual.load_state_dict(visual_state, strict=False)
+        missing, unexpected = load_into_meta(visual, cast_state(visual_state, torch.device(device), dtype),
+                                             what=f"{spec.key} ({weights})")
         if missing or unexpected:
             raise ValueError(
                 f"{spec.key}: weights in {weights} do not fit the image tower: missing {missing[:5]}, "

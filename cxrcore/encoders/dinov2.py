@@ -41,8 +41,8 @@ class HFViTEncoder(Dinov2Encoder):
     config_class = "ViTConfig"
 
     @classmethod
-    def build(cls, spec, weights, stand_in):  # noqa: ANN001 - same signature as the base
-        model = super().build(spec, weights, stand_in)
+    def build(cls, spec, weights, stand_in, **kwargs):  # noqa: ANN001 - same signature as the base
+        model = super().build(spec, weights, stand_in, **kwargs)
         model.pooler = None  # the pooler is a tanh head on CLS, not part of the frozen tokens
         return model
 

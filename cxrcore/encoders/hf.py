@@ -58,15 +58,20 @@ class HFEncoder(Encoder):
         return cfg_cls(**fields)
 
     @classmethod
-    def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool) -> torch.nn.Module:
+    def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool, *, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         _, model_cls = cls._classes()
         if stand_in:
             cfg = cls.config_for(spec, stand_in=True)
-            return seeded(lambda: model_cls(cfg))
+            return seeded(lambda: model_cls(cfg)).to(device=device, dtype=dtype)
         assert weights is not None
         src = _resolve_hf_dir(weights)
         try:
-            model = model_cls.from_pretrained(src, trust_remote_code=False)
+            # dtype explicitly: transformers >= 5 otherwise loads the dtype the checkpoint was saved in.
+            # device_map: the weights are materialised on the device, shard by shard (needs accelerate),
+            # so ViT-7B in bf16 never exists as an fp32 copy, nor in host RAM as a whole.
+            model = model_cls.from_pretrained(src, trust_remote_code=False, dtype=dtype,
+                                              device_map=str(torch.device(device)))
         except (OSError, ValueError) as e:  # hub, gated, offline-cache and missing-file errors all land here
             raise explain_load_failure(spec, weights, e) from e
         cls.check_config(spec, model.config, weights)
@@ -126,16 +131,16 @@ HF_MODEL_TYPES = {
 
 
 #: model_type -> (geometry, interpolation) of the image processor class transformers
-#: publishes for it, used when the model's own preprocessor_config.json is not at hand
-#: offline: DINOv2's BitImageProcessor resizes the shortest edge and centre-crops (bicubic);
-#: DINOv3ViTImageProcessor, SiglipImageProcessor and ViTImageProcessor stretch to the size
-#: (bilinear).
+#: publishes for it (its class attributes, transformers 5), used when the model's own
+#: preprocessor_config.json is not at hand offline: DINOv2's BitImageProcessor resizes the
+#: shortest edge and centre-crops (bicubic); SiglipImageProcessor stretches to the size
+#: (bicubic); DINOv3ViTImageProcessor and ViTImageProcessor stretch (bilinear).
 HF_PROCESSOR_DEFAULTS = {
     "dinov2": ("center_crop", "bicubic"),
     "dinov2_with_registers": ("center_crop", "bicubic"),
     "dinov3_vit": ("resize", "bilinear"),
-    "siglip_vision_model": ("resize", "bilinear"),
-    "siglip": ("resize", "bilinear"),
+    "siglip_vision_model": ("resize", "bicubic"),
+    "siglip": ("resize", "bicubic"),
     "vit": ("resize", "bilinear"),
 }
 # PIL resample codes in preprocessor_config.json -> torch interpolation modes
@@ -196,7 +201,9 @@ def hf_spec(key: str) -> EncoderSpec:
     siglip = family == "siglip"
     # normalisation and geometry: the model's own preprocessor_config.json where it is at hand,
     # else what transformers' processor class for this model type does
-    mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    # (ViTImageProcessor's defaults are 0.5 too; DINOv2/v3 use the ImageNet statistics)
+    half = siglip or mtype == "vit"
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if half else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     geometry, interpolation = HF_PROCESSOR_DEFAULTS[mtype]
     proc = _processor_dict(model_id)
     if proc is not None:

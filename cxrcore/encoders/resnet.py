@@ -11,7 +11,7 @@ transformers", ICCV; checkpoint ``dino_resnet50_pretrain.pth`` from
 https://github.com/facebookresearch/dino (a plain torchvision ``resnet50`` state dict
 without ``fc``). Preprocessing: ImageNet mean/std, bicubic, shortest edge to 224 then
 centre crop (crop ratio 1.0, not the 256 -> 224 evaluation crop, so that boxes near
-the image edge are not cut away).
+the image edge are not cut away), the crop offset rounded as torchvision's ``CenterCrop``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .base import Encoder, EncoderSpec, explain_load_failure, read_descriptor, seeded
+from .base import Encoder, EncoderSpec, cast_state, torch_load, explain_load_failure, load_into_meta, read_descriptor, seeded
 
 DINO_RESNET50_URL = "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth"
 CHECKPOINT_NAMES = ("model.safetensors", "dino_resnet50_pretrain.pth")
@@ -41,7 +41,7 @@ def build_resnet(arch: dict[str, Any]) -> torch.nn.Module:
 
 
 def _load_checkpoint(weights: str) -> dict[str, torch.Tensor]:
-    """State dict from a URL (torch hub cache), a .pth/.safetensors file, or a directory holding one."""
+    """State dict from a URL (torch hub cache), a .pth/.safetensors file, or a directory holding one (memory-mapped)."""
     if weights.startswith(("http://", "https://")):
         return torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True, check_hash=False)
     p = Path(weights).expanduser()
@@ -56,7 +56,7 @@ def _load_checkpoint(weights: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(p))
-    return torch.load(str(p), map_location="cpu", weights_only=True)
+    return torch_load(p)
 
 
 def _clean(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -75,25 +75,45 @@ def _clean(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+#: Receptive-field centre of layer4 cell 0, input edge coordinates: cell c is centred on
+#: input pixel 32c, i.e. at 32c + 0.5. Every stage keeps centres on even positions: conv1
+#: (7x7, stride 2, pad 3) output i is centred on input pixel 2i; maxpool (3x3, stride 2,
+#: pad 1) output j on conv1 output 2j, i.e. pixel 4j; in layer2-4 the stride-2 3x3 conv
+#: (pad 1; torchvision puts the stride there) and the stride-2 1x1 downsample both centre
+#: output k on input 2k, so pixel 8k, 16k, 32k; stride-1 3x3 and 1x1 convs are centred.
+#: Checked by gradient and lit-pixel tests (tests/test_fidelity_encoders.py).
+RESNET_CELL_CENTRE0 = 0.5
+
+
 class ResNetEncoder(Encoder):
-    """torchvision ``ResNet``: layer4 cells are the grid, ``avgpool`` is the global embedding."""
+    """torchvision ``ResNet``: layer4 cells are the grid, ``avgpool`` is the global embedding.
+
+    A box pools the layer4 cells whose receptive-field centre (``32c + 0.5``) it
+    contains (:data:`RESNET_CELL_CENTRE0`), not the 32-pixel block ``[32c, 32c + 32)``,
+    whose centre lies half a cell away from what the cell sees.
+    """
 
     family = "torchvision_resnet"
+    crop_rounding = "round"  # torchvision's CenterCrop
+    resampler = "pil"  # its reference pipeline resizes PIL images
+    cell_rule = "rf_centre"
+    cell_centre0 = RESNET_CELL_CENTRE0
 
     @classmethod
-    def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool) -> torch.nn.Module:
+    def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool, *, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         if stand_in:
-            return seeded(lambda: build_resnet(STAND_IN_ARCH))
+            return seeded(lambda: build_resnet(STAND_IN_ARCH)).to(device=device, dtype=dtype)
         assert weights is not None
         desc = read_descriptor(weights) or {}
         try:
             state = _clean(_load_checkpoint(weights))
         except Exception as e:  # URL, file and unpickling errors: all mean "these weights are not available here"
             raise explain_load_failure(spec, weights, e) from e
-        model = build_resnet(desc.get("arch") or dict(spec.arch))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # BatchNorm's step counter is unused in eval mode and absent from some exports
-        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        with torch.device("meta"):  # skeleton only; the checkpoint's tensors become the parameters
+            model = build_resnet(desc.get("arch") or dict(spec.arch))
+        missing, unexpected = load_into_meta(model, cast_state(state, torch.device(device), dtype),
+                                             what=f"{spec.key} ({weights})")
         if missing or unexpected:
             raise ValueError(
                 f"{spec.key}: checkpoint {weights} does not fit torchvision resnet50 without fc: "

@@ -8,8 +8,14 @@ against text; the book says so wherever ``cls`` is reported for MedSigLIP.
 
 Published: Sellergren et al. 2025, "MedGemma technical report", arXiv:2507.05201;
 weights ``google/medsiglip-448`` (gated: accept the Health AI Developer Foundations
-terms). Its official pipeline pads to a square, then resizes to 448 (bilinear),
-mean = std = 0.5. The patch size (14 -> 32x32 grid) is read from the config.
+terms). Preprocessing is what the published ``SiglipImageProcessor`` of that repository
+does (its ``preprocessor_config.json``: size 448 x 448, ``resample`` 3 = bicubic,
+mean = std = 0.5): stretch straight to 448 x 448, aspect ratio not kept, no padding,
+the same as ``hf:<a copy of the repository>``. Google's serving code zero-pads to a
+square before that processor ("method performed in training",
+github.com/Google-Health/medsiglip ``python/serving/predictor.py``); that is offered as
+``load_encoder("medsiglip-448", geometry="pad_square")``, never the default. The patch
+size (14 -> 32x32 grid) is read from the config.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..geometry import Geometry, make_geometry
-from .base import Encoder, EncoderSpec, explain_load_failure, read_descriptor, seeded
+from .base import Encoder, EncoderSpec, cast_state, explain_load_failure, load_into_meta, read_descriptor, seeded
 from .biomedclip import timm_set_input_size
 
 TIMM_STAND_IN = {"embed_dim": 64, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
@@ -65,30 +65,40 @@ class TimmViTEncoder(Encoder):
     """A timm ``VisionTransformer``: prefix tokens dropped from the grid, global from ``forward_head``."""
 
     family = "timm_vit"
+    crop_rounding = "round"  # timm's eval transform ends in torchvision's CenterCrop
+    resampler = "pil"  # its reference pipeline resizes PIL images
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         timm_set_input_size(self, self.model)
 
     @classmethod
-    def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool) -> torch.nn.Module:
+    def build(cls, spec: EncoderSpec, weights: str | None, stand_in: bool, *, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         name = spec.arch["model_name"]
         if stand_in:
-            return seeded(lambda: _create(name, **TIMM_STAND_IN))
+            return seeded(lambda: _create(name, **TIMM_STAND_IN)).to(device=device, dtype=dtype)
         assert weights is not None
         desc = read_descriptor(weights)
         try:
             if desc is not None:
                 from safetensors.torch import load_file
 
-                model = _create(name, **(desc.get("timm_kwargs") or {}))
-                if desc.get("input_size") and tuple(model.patch_embed.img_size) != (desc["input_size"],) * 2:
-                    model.set_input_size(img_size=desc["input_size"])
-                model.load_state_dict(load_file(str(Path(weights) / "model.safetensors")))
+                with torch.device("meta"):
+                    model = _create(name, **(desc.get("timm_kwargs") or {}))
+                    if desc.get("input_size") and tuple(model.patch_embed.img_size) != (desc["input_size"],) * 2:
+                        model.set_input_size(img_size=desc["input_size"])
+                state = cast_state(load_file(str(Path(weights) / "model.safetensors")), torch.device(device), dtype)
+                missing, unexpected = load_into_meta(model, state, what=f"{spec.key} ({weights})")
+                if missing or unexpected:
+                    raise RuntimeError(f"missing keys {missing[:5]}, unexpected {unexpected[:5]}")
                 return model
+            # timm builds the model in dtype on device (its device=/dtype= arguments) and copies the
+            # published checkpoint into it
+            dd = {"device": torch.device(device), "dtype": dtype}
             if Path(weights).expanduser().is_file():
-                return _create(name, pretrained=True, pretrained_cfg_overlay={"file": str(Path(weights).expanduser())})
-            return _create(name, pretrained=True)  # timm's published weights, via the HF cache
+                return _create(name, pretrained=True, pretrained_cfg_overlay={"file": str(Path(weights).expanduser())}, **dd)
+            return _create(name, pretrained=True, **dd)  # timm's published weights, via the HF cache
         except (OSError, RuntimeError) as e:
             raise explain_load_failure(spec, weights, e) from e
 
@@ -98,17 +108,13 @@ class TimmViTEncoder(Encoder):
             return _create(spec.arch["model_name"])
 
     def geometry_for(self, hw: tuple[int, int]) -> Geometry:
-        """timm's eval transform: shortest edge to ``floor(size / crop_pct)``, centre-crop ``size``.
-
-        The crop offset is ``(resized - size) // 2``; torchvision's CenterCrop rounds half
-        of an odd margin instead, so the window can sit one resized pixel away from timm's
-        own pipeline. The geometry records the window used, so boxes still map exactly.
-        """
-        if self.spec.geometry != "center_crop":
+        """timm's eval transform: shortest edge to ``floor(size / crop_pct)``, then torchvision's ``CenterCrop(size)``."""
+        if self.geometry != "center_crop":
             return super().geometry_for(hw)
         crop_pct = float(self.spec.arch.get("crop_pct", 1.0))
         return make_geometry(hw, self.input_size, self.patch_size, "center_crop",
-                             resize_short=math.floor(self.input_size / crop_pct))
+                             resize_short=math.floor(self.input_size / crop_pct), crop_rounding=self.crop_rounding,
+                             cell_rule=self.cell_rule, cell_centre0=self.cell_centre0, resampler=self.resampler)
 
     def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.model.forward_features(pixels)
