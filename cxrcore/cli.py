@@ -182,6 +182,7 @@ def run_extract(args: argparse.Namespace) -> int:
                       "batch_size": getattr(res, "batch_size", None) or None, "chunks": res.chunks_total,
                       "resumed_chunks": res.chunks_done_before, "written_chunks": res.chunks_written,
                       "images": res.images, "forward_passes": res.passes, "seconds": round(res.seconds, 2),
+                      "startup_seconds": round(getattr(res, "startup_seconds", 0.0), 2),
                       "images_per_s": round(res.images_per_s, 2) if res.images else None}))
     return 0
 

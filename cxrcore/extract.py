@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import os
 import sys
 import threading
@@ -251,7 +250,7 @@ def encode_batch(encoder: Encoder, passes: Sequence[Pass], *, store_grid: bool =
         glob, grid = encoder.forward(x)
         roi, owner = roi_local(grid, geoms, boxes)
         cls_, pm = glob.cpu().numpy(), patch_mean(grid).cpu().numpy()
-        grid_np = grid.cpu().numpy() if store_grid else None
+        grid_np = grid.half().cpu().numpy() if store_grid else None  # float16 on the device: half the copy
     else:
         enc = encoder.encode([p.image for p in passes], boxes=boxes, return_grid=store_grid)
         roi, owner, cls_, pm, geoms, grid_np = enc.roi_local, enc.roi_image, enc.cls, enc.patch_mean, enc.geometry, enc.grid
@@ -275,7 +274,7 @@ def encode_batch(encoder: Encoder, passes: Sequence[Pass], *, store_grid: bool =
              "roi_local": np.stack(f_roi).astype(np.float32)}
     grids = None
     if store_grid:
-        grids = {"pass_id": np.array([p.pass_id for p in passes], np.int64), "grid": grid_np.astype(np.float16),
+        grids = {"pass_id": np.array([p.pass_id for p in passes], np.int64), "grid": grid_np.astype(np.float16, copy=False),
                  "geometry": [geometry_to_json(g) for g in geoms]}
     return rows, feats, grids
 
@@ -287,8 +286,7 @@ class BatchEncoder:
     ``image`` (2-D arrays) and optional ``boxes`` (one list of boxes per image); any other
     column is passed through, repeated once per box. Returns a dict of columns with
     ``cls``, ``patch_mean``, ``roi_local`` (``[rows, D]``; NaN rows where an image has no box).
-    For Ray: ``ds.map_batches(BatchEncoder, fn_constructor_kwargs={...}, batch_format="numpy",
-    concurrency=n_gpus, num_gpus=1)``.
+    The store-writing Ray pipeline is :func:`cxrcore.ray_extract.extract_ray` (``cxrcore extract --backend ray``).
     """
 
     def __init__(self, key: str, *, stand_in: bool = False, weights: str | None = None, device: str = "cpu",
@@ -622,10 +620,17 @@ class ExtractResult:
     passes: int  # forward passes (images + perturbed copies)
     seconds: float
     batch_size: int = 0  # forward-pass batch size used (after "auto")
+    startup_seconds: float = 0.0  # until the first decoded image arrived (store checks, worker start, first decode)
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def steady_images_per_s(self) -> float:
+        """Images/s after start-up (slightly optimistic: workers have prefetched a few images by then)."""
+        run = self.seconds - self.startup_seconds
+        return (self.images - 1) / run if self.images > 1 and run > 0 else float("nan")
 
 
 class _Items(torch.utils.data.Dataset):
@@ -789,8 +794,11 @@ def extract(encoder: Encoder, cohort: Cohort, out: str | os.PathLike, *, panel: 
     cur = next(chunk_iter, None)
     pending: list[Pass] = []
     n_img = 0
+    t_first = None
     try:
         for pos, passes in loader:
+            if t_first is None:
+                t_first = time.perf_counter()
             assert cur is not None and cur[0] <= pos < cur[1], (pos, cur)
             pending.extend(passes)
             n_img += 1
@@ -809,7 +817,7 @@ def extract(encoder: Encoder, cohort: Cohort, out: str | os.PathLike, *, panel: 
         runner.close()
         bar.close()
     return ExtractResult(out, i_shard, len(mine), len(mine) - len(todo), counts["written"], n_img, counts["passes"],
-                         time.perf_counter() - t0, bs)
+                         time.perf_counter() - t0, bs, (t_first or time.perf_counter()) - t0)
 
 
 # -- re-deriving a perturbed image from the store -------------------------------------------------------------
