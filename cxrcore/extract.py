@@ -1111,9 +1111,10 @@ def embeddings(kind: str, cohort: Cohort, encoder: "str | Encoder", *,
     preprocessing, ``cohort`` (name; every one of the first ``n_images`` image ids present,
     the pixels of the first ``check_images`` images hashing as stored, which also catches
     a generated cohort drawn with another seed or size), ``panel`` (its cells) and, for a
-    panel, ``seed`` and each image's position (placements are drawn per position). A difference raises
-    :class:`StoreMismatchError` naming the field and both values. The store may hold more
-    images than asked (rows are selected by image id). Boxes the store did not pool are
+    panel, ``seed`` and each image's position (placements are drawn per position). A
+    difference raises :class:`StoreMismatchError` naming the field and both values. The
+    store may hold more images than asked: rows are selected by image id (the first
+    ``n_images`` of ``cohort.metadata``; None or 0: all). Boxes the store did not pool are
     re-pooled from its float16 grids (``--store-grid``), else the error says how to
     extract them. ``device`` and ``batch_size`` matter only without a store.
 
