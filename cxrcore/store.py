@@ -14,7 +14,9 @@ temporary name and renamed (``os.replace``, atomic on POSIX), and its grids file
 is renamed into place before it. A run killed at any moment therefore leaves only whole
 chunks behind, and a restart skips them: every image ends up in the store exactly once.
 Every chunk carries the run's provenance in its Parquet footer; a chunk whose provenance
-does not match the current run is refused, never mixed in.
+does not match the current run is refused, never mixed in. The footer also says which
+shard (``i/n``) wrote the chunk, so :func:`store_status` can name the job to rerun for a
+chunk that is still missing.
 """
 
 from __future__ import annotations
@@ -58,19 +60,23 @@ class Embeddings:
     """Row-aligned metadata and one ``[N, D]`` float32 array per pooling mode.
 
     ``roi_local`` rows without a box are NaN. ``provenance`` is the run's provenance
-    (as in ``store.json``) when read from a store.
+    (as in ``store.json``, also for embeddings encoded in-process by
+    :func:`cxrcore.extract.embeddings`). ``grids`` holds the float16 patch grid of every
+    forward pass (looked up by ``meta["pass_id"]``) when they were asked for.
     """
 
     meta: pd.DataFrame
     features: dict[str, np.ndarray]
     provenance: dict | None = None
+    grids: "Grids | None" = None
 
     def __len__(self) -> int:
         return len(self.meta)
 
     def subset(self, mask: np.ndarray | pd.Series) -> "Embeddings":
         m = np.asarray(mask, dtype=bool)
-        return Embeddings(self.meta[m].reset_index(drop=True), {k: v[m] for k, v in self.features.items()}, self.provenance)
+        return Embeddings(self.meta[m].reset_index(drop=True), {k: v[m] for k, v in self.features.items()}, self.provenance,
+                          self.grids)
 
     def cell(self, name: str) -> "Embeddings":
         """The rows (both arms) of one perturbation cell."""
@@ -167,6 +173,46 @@ def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
     return int(i), int(n)
 
 
+#: The job-array variables Slurm sets in every array task (https://slurm.schedmd.com/job_array.html).
+SLURM_ARRAY_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
+                         "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_JOB_ID")
+
+
+def shard_from_environment(environ: Mapping[str, str] | None = None) -> tuple[tuple[int, int], dict | None]:
+    """The shard of this Slurm array task, ``((i, n), slurm)``; ``((0, 1), None)`` outside an array.
+
+    ``i`` counts tasks from 0 whatever the array's first index: ``--array=1-16`` gives
+    ``SLURM_ARRAY_TASK_ID`` 1..16 and ``i`` 0..15; a step (``--array=0-30:2``) is divided
+    out; a throttle (``--array=0-15%4``) changes only how many run at once, not the ids
+    or the count. An index list that is not one evenly stepped range (``--array=1,2,9``)
+    cannot be mapped to shards: the error says to pass ``--shard i/n``. ``slurm`` holds
+    the array's variables (recorded in each chunk, so ``cxrcore status`` can name the
+    task to rerun).
+    """
+    env = os.environ if environ is None else environ
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return (0, 1), None
+    try:
+        task = int(env["SLURM_ARRAY_TASK_ID"])
+        count = int(env["SLURM_ARRAY_TASK_COUNT"])
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
+        last = int(env.get("SLURM_ARRAY_TASK_MAX", first + step * (count - 1)))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"Slurm array variables {({k: env.get(k) for k in SLURM_ARRAY_VARIABLES})} are incomplete or "
+                         f"not integers ({e}); pass --shard i/n explicitly") from None
+    if count < 1 or step < 1 or last != first + step * (count - 1) or (task - first) % step or not first <= task <= last:
+        raise ValueError(
+            f"Slurm array task {task} of an array with SLURM_ARRAY_TASK_MIN={first}, SLURM_ARRAY_TASK_MAX={last}, "
+            f"SLURM_ARRAY_TASK_STEP={step}, SLURM_ARRAY_TASK_COUNT={count}: the indices are not one evenly stepped "
+            "range (e.g. --array=1,2,9), so the shard cannot be derived; pass --shard i/n explicitly "
+            "(0 <= i < n, one i per task)"
+        )
+    slurm = {"job_id": env.get("SLURM_ARRAY_JOB_ID"), "task_id": task, "task_min": first, "task_step": step,
+             "task_count": count}
+    return ((task - first) // step, count), slurm
+
+
 def shard_chunks(n_images: int, chunk_size: int, shard: tuple[int, int]) -> list[tuple[int, int]]:
     """The chunks shard ``i`` of ``n`` owns: every n-th chunk, starting at chunk ``i``.
 
@@ -191,11 +237,15 @@ def _atomic_write_table(table: pa.Table, path: Path) -> None:
 
 
 def write_chunk(directory: str | os.PathLike, start: int, end: int, rows: pa.Table, provenance: Mapping,
-                grids: pa.Table | None = None) -> Path:
-    """Write one chunk atomically: grids first (if any), then the part file that marks the chunk complete."""
+                grids: pa.Table | None = None, *, chunk_info: Mapping | None = None) -> Path:
+    """Write one chunk atomically: grids first (if any), then the part file that marks the chunk complete.
+
+    ``chunk_info`` is recorded in the chunk's footer beside its range, e.g. ``{"shard": [i, n]}``
+    (what :func:`store_status` reads to name the shard to rerun) and ``{"slurm": {...}}``.
+    """
     d = Path(directory)
-    meta = {PROVENANCE_KEY: canonical_json(provenance).encode(),
-            CHUNK_KEY: canonical_json({"start": start, "end": end, "rows": rows.num_rows}).encode()}
+    info = {**dict(chunk_info or {}), "start": start, "end": end, "rows": rows.num_rows}
+    meta = {PROVENANCE_KEY: canonical_json(provenance).encode(), CHUNK_KEY: canonical_json(info).encode()}
     if grids is not None:
         _atomic_write_table(grids.replace_schema_metadata(meta), d / grids_name(start, end))
     path = d / part_name(start, end)
@@ -213,6 +263,12 @@ def chunk_provenance(path: str | os.PathLike) -> dict:
         raise StoreError(f"{path}: no cxrcore provenance in its footer; it was not written by cxrcore extract. "
                          "Move it out of the store directory.")
     return json.loads(md[PROVENANCE_KEY])
+
+
+def chunk_info(path: str | os.PathLike) -> dict:
+    """What a chunk's footer says about the chunk itself (range, rows, shard, Slurm task), without reading rows."""
+    md = pq.read_schema(path).metadata or {}
+    return json.loads(md[CHUNK_KEY]) if CHUNK_KEY in md else {}
 
 
 def list_parts(directory: str | os.PathLike) -> list[tuple[int, int, Path]]:
@@ -287,6 +343,127 @@ def missing_chunks(directory: str | os.PathLike) -> list[tuple[int, int]]:
     return sorted(set(chunk_ranges(int(lay["n_images"]), int(lay["chunk_size"]))) - done_chunks(directory))
 
 
+@dataclass
+class StoreStatus:
+    """What :func:`store_status` found; ``to_dict()`` is the ``cxrcore status --json`` output."""
+
+    directory: str
+    n_images: int
+    chunk_size: int
+    shards: int | None  # shard count used to name the shard of a missing chunk (None: unknown)
+    shards_source: str  # "argument", "chunk footers", "chunk footers (most common of ...)" or "unknown"
+    chunks_total: int
+    chunks_done: int
+    images_done: int  # distinct positions stored in chunks of this run
+    missing: list[dict]  # one per layout chunk with missing images: start, end, images, shard, slurm_task_id
+    duplicated: list[dict]  # one per position stored twice: position, image_id, files, why
+    duplicated_image_ids: list[dict]  # one per image id stored at more than one position
+    foreign: list[dict]  # part files not of this run (provenance differs or unreadable): file, why
+    off_layout: list[str]  # part files whose range is not a chunk of the layout (read, reported)
+
+    @property
+    def images_missing(self) -> int:
+        return int(sum(m["images"] for m in self.missing))
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    @property
+    def ok(self) -> bool:
+        """Complete, nothing stored twice, nothing foreign: safe to analyse."""
+        return self.complete and not self.duplicated and not self.duplicated_image_ids and not self.foreign
+
+    def rerun_shards(self) -> list[int]:
+        return sorted({m["shard"] for m in self.missing if m["shard"] is not None})
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {**asdict(self), "images_missing": self.images_missing, "complete": self.complete, "ok": self.ok,
+                "rerun_shards": self.rerun_shards()}
+
+
+def store_status(directory: str | os.PathLike, *, shards: int | None = None) -> StoreStatus:
+    """Images done, missing and stored twice in a (possibly sharded, possibly hand-merged) store.
+
+    Reads every part file's positions and image ids (not its embeddings). A position is
+    *duplicated* when two part files hold it (an overlapping layout, or stores merged by
+    hand) or one file holds the same (position, pass, box) row twice; an image id is
+    duplicated when it is stored at two positions. Part files made by another run
+    (provenance differs) are *foreign*: reported, their rows not counted. Each missing
+    chunk is named with the shard that owns it (chunk ``k`` belongs to shard ``k % n``):
+    ``n`` is ``shards`` if given, else the shard count recorded in the chunk footers.
+    """
+    from collections import Counter
+
+    d = Path(directory)
+    manifest = read_manifest(d)
+    lay = manifest["layout"]
+    n, cs = int(lay["n_images"]), int(lay["chunk_size"])
+    layout = chunk_ranges(n, cs)
+    expected = set(layout)
+    holders: dict[int, list[str]] = {}
+    ids_at: dict[str, set[int]] = {}
+    duplicated: list[dict] = []
+    foreign: list[dict] = []
+    off_layout: list[str] = []
+    shard_counts: Counter = Counter()
+    slurm_of: dict[int, dict] = {}
+    id_of: dict[int, str] = {}
+    for s, e, p in list_parts(d):
+        try:
+            prov = chunk_provenance(p)
+            info = chunk_info(p)
+            t = pq.read_table(p, columns=["image_index", "image_id", "pass_id", "box_index"]).to_pandas()
+        except (StoreError, pa.ArrowInvalid, OSError, KeyError) as ex:
+            foreign.append({"file": p.name, "why": f"unreadable: {ex}"})
+            continue
+        if canonical_json(prov) != canonical_json(manifest["provenance"]):
+            diffs = _diff(json.loads(canonical_json(prov)), json.loads(canonical_json(manifest["provenance"])))
+            foreign.append({"file": p.name, "why": "made by a different run: " + "; ".join(diffs[:3])})
+            continue
+        if (s, e) not in expected:
+            off_layout.append(p.name)
+        if "shard" in info:
+            shard_counts[int(info["shard"][1])] += 1
+            if info.get("slurm"):
+                slurm_of.setdefault(int(info["shard"][1]), info["slurm"])
+        rep = t[t.duplicated(["image_index", "pass_id", "box_index"])]
+        for pos in sorted(set(rep["image_index"])):
+            duplicated.append({"position": int(pos), "image_id": str(rep.loc[rep.image_index == pos, "image_id"].iloc[0]),
+                               "files": [p.name], "why": "the same (position, pass, box) row twice in one file"})
+        for pos, iid in t[["image_index", "image_id"]].drop_duplicates().itertuples(index=False):
+            holders.setdefault(int(pos), []).append(p.name)
+            ids_at.setdefault(str(iid), set()).add(int(pos))
+            id_of[int(pos)] = str(iid)
+    for pos, files in sorted(holders.items()):
+        if len(files) > 1:
+            duplicated.append({"position": pos, "image_id": id_of[pos], "files": files,
+                               "why": f"stored in {len(files)} part files"})
+    dup_ids = [{"image_id": i, "positions": sorted(ps)} for i, ps in sorted(ids_at.items()) if len(ps) > 1]
+    if shards is not None:
+        n_shards, source = int(shards), "argument"
+    elif len(shard_counts) == 1:
+        n_shards, source = next(iter(shard_counts)), "chunk footers"
+    elif shard_counts:
+        n_shards = shard_counts.most_common(1)[0][0]
+        source = f"chunk footers (most common of {sorted(shard_counts)}; pass --shards to choose)"
+    else:
+        n_shards, source = None, "unknown (no chunk records one; pass --shards n)"
+    slurm = slurm_of.get(n_shards) if n_shards else None
+    missing = []
+    for k, (s, e) in enumerate(layout):
+        gone = sum(1 for pos in range(s, e) if pos not in holders)
+        if gone:
+            shard = k % n_shards if n_shards else None
+            task = slurm["task_min"] + shard * slurm["task_step"] if slurm and shard is not None else None
+            missing.append({"start": s, "end": e, "images": gone, "shard": shard, "slurm_task_id": task})
+    done = sum(1 for pos in holders if 0 <= pos < n)
+    return StoreStatus(str(d), n, cs, n_shards, source, len(layout), len(layout) - len(missing), done, missing,
+                       duplicated, dup_ids, foreign, off_layout)
+
+
 def _fixed_to_numpy(col: pa.ChunkedArray | pa.Array, dim: int, dtype=np.float32) -> np.ndarray:
     """A fixed-size-list column -> ``[N, dim]`` array; null lists become NaN rows."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -321,21 +498,30 @@ def iter_store(directory: str | os.PathLike, *, columns: Sequence[str] | None = 
 
 
 def read_store(directory: str | os.PathLike, *, allow_incomplete: bool = False,
-               cells: Sequence[str] | None = None) -> Embeddings:
+               cells: Sequence[str] | None = None, image_ids: Sequence[str] | None = None,
+               modes: Sequence[str] = POOLING_MODES) -> Embeddings:
     """Read a store into :class:`Embeddings` (``meta`` plus ``features[mode]``), in chunk order.
 
-    ``cells`` keeps only those perturbation cells. Checks that no (image, cell, arm, box)
-    appears twice.
+    ``cells`` keeps only those perturbation cells, ``image_ids`` only those images (rows
+    are filtered chunk by chunk, so reading a subset of a large store needs memory for
+    the subset only), ``modes`` only those pooling modes. Checks that no (image, cell,
+    arm, box) appears twice.
     """
+    import pyarrow.compute as pc
+
     manifest = read_manifest(directory)
-    metas, feats = [], {m: [] for m in POOLING_MODES}
+    bad = [m for m in modes if m not in POOLING_MODES]
+    if bad:
+        raise ValueError(f"unknown pooling mode(s) {bad}; stores hold {list(POOLING_MODES)}")
+    want_ids = None if image_ids is None else pa.array([str(i) for i in image_ids], pa.string())
+    metas, feats = [], {m: [] for m in modes}
     for _, t in iter_store(directory, allow_incomplete=allow_incomplete):
         if cells is not None:
-            import pyarrow.compute as pc
-
             t = t.filter(pc.is_in(t["cell"], value_set=pa.array(list(cells), pa.string())))
+        if want_ids is not None:
+            t = t.filter(pc.is_in(t["image_id"], value_set=want_ids))
         dim = t.schema.field("cls").type.list_size
-        for m in POOLING_MODES:
+        for m in modes:
             feats[m].append(_fixed_to_numpy(t[m], dim))
         metas.append(t.drop_columns(list(POOLING_MODES)).to_pandas())
     if not metas:
@@ -345,7 +531,8 @@ def read_store(directory: str | os.PathLike, *, allow_incomplete: bool = False,
     dup = meta.duplicated(key)
     if dup.any():
         raise StoreError(f"{directory}: {int(dup.sum())} duplicated row(s), first {meta.loc[dup, key].iloc[0].to_dict()}; "
-                         "the store was written by overlapping runs. Re-extract into a new directory.")
+                         "the store was written by overlapping runs (`cxrcore status` lists them). Re-extract into a "
+                         "new directory.")
     return Embeddings(meta, {m: np.concatenate(v) for m, v in feats.items()}, manifest["provenance"])
 
 

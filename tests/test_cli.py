@@ -100,3 +100,73 @@ def test_help_lists_the_options():
     for opt in ("--encoder", "--stand-in", "--weights", "--cohort", "--data-root", "--panel", "--n-images", "--shard",
                 "--store-grid", "--out"):
         assert opt in r.stdout
+
+
+def _tiny(out, *extra):
+    return ["extract", "--encoder", "dinov3-vit7b16", "--stand-in", "--input-size", "32", "--cohort", "synthetic",
+            "--n-images", "2", "--cohort-option", "size=64", "--num-workers", "0", "--no-progress", *extra,
+            "--out", str(out)]
+
+
+def test_dtype_batch_size_auto_and_the_deprecated_bf16(tmp_path, capsys):
+    import json
+
+    assert main(_tiny(tmp_path / "a")) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["dtype"] == "float32" and got["batch_size"] == 16 and got["device"] == "cpu" and got["backend"] == "local"
+    assert main(_tiny(tmp_path / "b", "--dtype", "bfloat16", "--batch-size", "1")) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["dtype"] == "bfloat16" and got["batch_size"] == 1 and got["forward_passes"] == 2
+    assert read_store(tmp_path / "b").provenance["encoder"]["dtype"].endswith("bfloat16")
+    assert main(_tiny(tmp_path / "c", "--bf16")) == 0  # still accepted, with a notice
+    out = capsys.readouterr()
+    assert json.loads(out.out)["dtype"] == "bfloat16" and "--bf16 is deprecated" in out.err
+    assert main(_tiny(tmp_path / "d", "--bf16", "--dtype", "float32")) == 2
+    assert "contradict" in capsys.readouterr().err
+    r = subprocess.run([sys.executable, "-m", "cxrcore.cli", "extract", "--help"], capture_output=True, text=True, timeout=60)
+    assert "--dtype" in r.stdout and "--bf16" not in r.stdout and "--backend" in r.stdout
+
+
+def test_backend_ray_without_ray_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cxrcore.ray_extract", None)  # as if neither Ray nor the backend were installed
+    assert main(_tiny(tmp_path / "s", "--backend", "ray", "--address", "auto")) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'cxrcore[ray]'" in err and "--backend local" in err
+    assert main(_tiny(tmp_path / "s", "--address", "auto")) == 2
+    assert "options of --backend ray" in capsys.readouterr().err
+
+
+def test_backend_ray_calls_extract_ray_with_extracts_arguments(tmp_path, capsys, monkeypatch):
+    import json
+    import types
+
+    from cxrcore.extract import ExtractResult
+
+    seen = {}
+
+    def extract_ray(encoder, cohort, out, *, panel=None, n_images=None, seed=0, shard=None, store_grid=False,
+                    batch_size=16, num_workers=None, chunk_size=None, progress=True, cohort_options=None,
+                    address=None, num_gpus_per_actor=None, num_actors=None):
+        seen.update(encoder=encoder.key, cohort=cohort.name, out=out, panel=panel, shard=shard, address=address,
+                    num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor, batch_size=batch_size)
+        return ExtractResult(Path(out), (0, 1), 1, 0, 1, 2, 2, 0.5)
+
+    monkeypatch.setitem(sys.modules, "cxrcore.ray_extract", types.SimpleNamespace(extract_ray=extract_ray))
+    args = _tiny(tmp_path / "s", "--backend", "ray", "--address", "auto", "--num-actors", "2", "--panel", "smoke")
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "ray"
+    assert seen == {"encoder": "dinov3-vit7b16", "cohort": "synthetic", "out": str(tmp_path / "s"), "panel": "smoke",
+                    "shard": (0, 1), "address": "auto", "num_actors": 2, "num_gpus_per_actor": None,
+                    "batch_size": "auto"}
+    # an option the Ray backend does not take is refused, not dropped
+    table = tmp_path / "b.csv"
+    table.write_text("image_id,x1,y1,x2,y2\nsynthetic_0000,1,1,9,9\n")
+    assert main(_tiny(tmp_path / "t", "--backend", "ray", "--boxes", str(table))) == 2
+    assert "does not support ['boxes']" in capsys.readouterr().err
+
+
+def test_import_cxrcore_does_not_import_ray():
+    code = ("import sys, cxrcore, cxrcore.cli, cxrcore.extract, cxrcore.store; "
+            "cxrcore.cli.build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -165,3 +165,79 @@ def test_encode_images_is_one_pass_in_metadata_order_with_boxes_and_grids():
     # the stored grid re-pools any box without a forward pass
     again, _ = roi_local(out.grid[4:5], out.geometry[4:5], [boxes[ids[4]]])
     np.testing.assert_allclose(again, out.roi_local[1:], atol=1e-5)
+
+
+def test_a_perturbed_image_is_reproduced_from_the_store_alone(tmp_path):
+    """Cell parameters (incl. a kind's own, e.g. spacing), seed, position, centre and box are all in the store."""
+    from cxrcore.extract import reproduce_perturbation
+    from cxrcore.perturb import Panel
+
+    cells = (PerturbationCell("reticular_fine", 24, 0.15, {"spacing_px": 5}), PerturbationCell("directional_blur", 24, 5),
+             PerturbationCell("nodule", 16, 0.3))
+    data = get_cohort("synthetic", n_images=3, seed=4, size=128)
+    enc = cxrcore.load_encoder("dinov3-vit7b16", stand_in=True, input_size=64)
+    extract(enc, data, tmp_path / "s", panel=Panel("custom", cells), seed=7, num_workers=0, progress=False)
+    emb = read_store(tmp_path / "s")
+    perturbed = emb.meta[emb.meta.arm == 1]
+    assert len(perturbed) == 3 * 3
+    for _, row in perturbed.iterrows():
+        base = data.read_image(int(row.image_index))  # the image file alone: no lung mask, no placement map
+        image, box = reproduce_perturbation(row, emb.provenance, base)
+        passes = load_item(data, int(row.image_index), cells, seed=7)
+        k = 1 + [c.name for c in cells].index(row.cell)
+        assert np.array_equal(image, passes[k].image)  # the very pixels that were encoded
+        assert tuple(box) == passes[k].boxes[0]
+    with pytest.raises(Exception, match="hash"):
+        reproduce_perturbation(perturbed.iloc[0], emb.provenance, data.read_image(1 - int(perturbed.iloc[0].image_index)))
+
+
+def test_batches_split_passes_exactly_and_threads_change_nothing(tmp_path, encoder):
+    data = get_cohort("synthetic", n_images=5, seed=2, size=96)
+    calls = []
+    forward = encoder.forward
+    encoder.forward = lambda x: calls.append(x.shape[0]) or forward(x)
+    try:
+        one = extract(encoder, data, tmp_path / "one", panel="smoke", batch_size=3, chunk_size=2, num_workers=0,
+                      progress=False)
+        # chunks of 2 images x 4 passes: 3 + 3 + 2 per chunk, the last chunk 3 + 1; never a batch across chunks
+        assert calls == [3, 3, 2, 3, 3, 2, 3, 1] and one.passes == 20 and one.batch_size == 3
+        two = extract(encoder, data, tmp_path / "two", panel="smoke", batch_size=3, chunk_size=2, num_workers=0,
+                      progress=False, in_flight=3)  # the GPU path's threads, on the CPU
+    finally:
+        encoder.forward = forward
+    a, b = read_store(tmp_path / "one"), read_store(tmp_path / "two")
+    pd.testing.assert_frame_equal(a.meta, b.meta)
+    for m in a.features:
+        np.testing.assert_array_equal(a.features[m], b.features[m])
+    ref = encode_panel(data, encoder, "smoke")
+    np.testing.assert_allclose(a.features["roi_local"], ref.features["roi_local"], atol=1e-5)
+
+
+def test_auto_batch_size():
+    from cxrcore.extract import CPU_BATCH_SIZE, _is_out_of_memory, auto_batch_size, largest_power_of_two, resolve_batch_size
+
+    enc = cxrcore.load_encoder("rad-dino", stand_in=True)
+    assert auto_batch_size(enc) == CPU_BATCH_SIZE == resolve_batch_size("auto", enc) == 16
+    assert resolve_batch_size(8, enc) == 8
+    with pytest.raises(ValueError, match="'auto'"):
+        resolve_batch_size("many", enc)
+    tried = []
+    assert largest_power_of_two(lambda b: tried.append(b) or b * 3 <= 100, 512) == 32 and tried == [1, 2, 4, 8, 16, 32, 64]
+    assert largest_power_of_two(lambda b: True, 512) == 512
+    assert largest_power_of_two(lambda b: False, 512) == 0
+    assert _is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not _is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_pass_pins_its_pixels_for_the_dataloader(monkeypatch):
+    """The DataLoader's pin-memory thread calls Pass.pin_memory (so pixels reach the GPU asynchronously)."""
+    import torch
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from cxrcore.extract import Pass
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(self.shape) or self)
+    p = Pass(0, None, [], [{}], pixels=torch.zeros(3, 8, 8))
+    out = pin_memory((3, [p]))
+    assert out[1][0] is p and pinned == [torch.Size([3, 8, 8])]

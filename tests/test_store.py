@@ -16,8 +16,8 @@ import cxrcore
 from cxrcore.cohorts import get_cohort
 from cxrcore.extract import encode_panel, extract, load_item
 from cxrcore.perturb import load_panel
-from cxrcore.store import (ProvenanceMismatchError, StoreError, chunk_ranges, missing_chunks, parse_shard, read_grids,
-                           read_store, repool, shard_chunks)
+from cxrcore.store import (ProvenanceMismatchError, StoreError, chunk_info, chunk_ranges, done_chunks, missing_chunks,
+                           parse_shard, read_grids, read_store, repool, shard_chunks, shard_from_environment, store_status)
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +142,98 @@ def test_read_store_matches_encode_panel(tmp_path, encoder, cohort):
         np.testing.assert_allclose(a.features[m][ia], b.features[m][ib], atol=1e-5)
     with pytest.raises(StoreError, match="not an embedding store"):
         read_store(tmp_path / "nothing")
+
+
+# -- Slurm arrays and `cxrcore status` ---------------------------------------------------------------------------
+def _slurm(task, count, first=0, step=1, last=None):
+    last = first + step * (count - 1) if last is None else last
+    return {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(count), "SLURM_ARRAY_TASK_MIN": str(first),
+            "SLURM_ARRAY_TASK_MAX": str(last), "SLURM_ARRAY_TASK_STEP": str(step), "SLURM_ARRAY_JOB_ID": "77"}
+
+
+@pytest.mark.parametrize("env, shard", [
+    ({}, (0, 1)),
+    (_slurm(3, 16), (3, 16)),  # --array=0-15
+    (_slurm(1, 16, first=1), (0, 16)),  # --array=1-16: ids start at 1, shards at 0
+    (_slurm(16, 16, first=1), (15, 16)),
+    (_slurm(7, 16), (7, 16)),  # --array=0-15%4: the throttle changes neither ids nor count
+    (_slurm(6, 16, step=2), (3, 16)),  # --array=0-30:2
+    ({k: v for k, v in _slurm(5, 8, first=2).items() if k not in ("SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP")},
+     (3, 8)),  # older Slurm without MAX/STEP
+])
+def test_shard_from_slurm_array_variables(env, shard):
+    assert shard_from_environment(env)[0] == shard
+
+
+def test_uneven_slurm_index_lists_need_an_explicit_shard():
+    with pytest.raises(ValueError, match="--shard i/n"):
+        shard_from_environment(_slurm(9, 3, first=1, last=9))  # --array=1,2,9
+    with pytest.raises(ValueError, match="--shard i/n"):
+        shard_from_environment({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "4"})
+
+
+def test_slurm_task_writes_its_shard_and_status_names_the_task_to_rerun(tmp_path, monkeypatch, capsys):
+    from cxrcore.cli import main
+
+    out = tmp_path / "s"
+    args = ["extract", "--encoder", "dinov3-vit7b16", "--stand-in", "--cohort", "synthetic", "--n-images", "9",
+            "--cohort-option", "size=64", "--chunk-size", "2", "--num-workers", "0", "--no-progress", "--out", str(out)]
+    for task in (1, 2, 4):  # sbatch --array=1-4; task 3 never ran
+        for k, v in _slurm(task, 4, first=1).items():
+            monkeypatch.setenv(k, v)
+        assert main(args) == 0
+        assert f'"shard": "{task - 1}/4"' in capsys.readouterr().out
+    layout = chunk_ranges(9, 2)
+    assert sorted(done_chunks(out)) == sorted(c for k, c in enumerate(layout) if k % 4 != 2)
+    info = chunk_info(out / "part-000000000-000000002.parquet")
+    assert info["shard"] == [0, 4] and info["slurm"]["task_id"] == 1 and info["slurm"]["job_id"] == "77"
+    st = store_status(out)
+    assert st.images_done == 9 - 2 and st.images_missing == 2 and not st.duplicated and not st.complete
+    assert st.missing == [{"start": 4, "end": 6, "images": 2, "shard": 2, "slurm_task_id": 3}]
+    assert st.rerun_shards() == [2] and st.shards == 4 and st.shards_source == "chunk footers"
+    assert main(["status", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "7 of 9 images done" in text and "rerun shard 2/4, Slurm array task 3" in text
+    assert main(["status", str(out), "--json", "--shards", "8"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["images_missing"] == 2 and report["missing"][0]["shard"] == 2 % 8 and report["ok"] is False
+    for k, v in _slurm(3, 4, first=1).items():
+        monkeypatch.setenv(k, v)
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0 and "9 of 9 images done" in capsys.readouterr().out
+
+
+def test_status_finds_duplicated_images(tmp_path, encoder, cohort, capsys):
+    from cxrcore.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    extract(encoder, cohort, a, chunk_size=2, num_workers=0, progress=False)
+    extract(encoder, cohort, b, chunk_size=3, num_workers=0, progress=False)  # same run, another chunk layout
+    assert store_status(a).ok
+    # two stores merged by hand: positions 0-2 now in two part files
+    shutil.copy(b / "part-000000000-000000003.parquet", a)
+    st = store_status(a)
+    assert st.complete and not st.ok
+    assert [d["position"] for d in st.duplicated] == [0, 1, 2]
+    assert st.duplicated[2]["files"] == ["part-000000000-000000003.parquet", "part-000000002-000000004.parquet"]
+    assert st.off_layout == ["part-000000000-000000003.parquet"]
+    (a / "part-000000000-000000003.parquet").unlink()
+    # one image id stored at two positions (e.g. a file listed twice), and a row stored twice within a file
+    p = a / "part-000000004-000000006.parquet"
+    t = pq.read_table(p)
+    ids = t["image_id"].to_pylist()
+    t = t.set_column(t.schema.get_field_index("image_id"), "image_id", pa.array([ids[0], ids[0]]))
+    pq.write_table(pa.concat_tables([t, t.slice(1, 1)]), p)
+    st = store_status(a)
+    assert st.duplicated_image_ids == [{"image_id": ids[0], "positions": [4, 5]}]
+    assert st.duplicated == [{"position": 5, "image_id": ids[0], "files": [p.name],
+                              "why": "the same (position, pass, box) row twice in one file"}]
+    assert main(["status", str(a)]) == 1
+    assert "duplicated image id" in capsys.readouterr().out
+    # a chunk of another run is reported, not counted
+    other = tmp_path / "o"
+    extract(encoder, cohort, other, chunk_size=2, num_workers=0, progress=False, seed=9)
+    shutil.copy(other / "part-000000000-000000002.parquet", b)
+    st = store_status(b)
+    assert st.foreign and "seed" in st.foreign[0]["why"] and not st.ok
