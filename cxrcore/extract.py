@@ -41,7 +41,7 @@ import torch
 
 from . import __version__
 from .cohorts.base import Cohort
-from .encoders.base import Encoder, Encoding
+from .encoders.base import DESCRIPTIVE_FIELDS, Encoder, Encoding
 from .geometry import Geometry
 from .perturb import Panel, PerturbationCell, load_panel, placement_map, random_location  # noqa: F401  (re-exported)
 from .pooling import POOLING_MODES, excluded_reasons, patch_mean, roi_local
@@ -928,7 +928,7 @@ def _expected_encoder(key: str, encoder: "Encoder | None", weights: "str | None"
                  patch_size=int(spec.patch_size), dtype=str(dtype))
         if weights is not None and Path(str(weights)).expanduser().exists():
             d["weights_id"] = weights_source_id(str(weights))
-    for k in ("citation", "notes"):  # not provenance (run_provenance drops them too)
+    for k in DESCRIPTIVE_FIELDS:  # the published model's table facts are not provenance (Encoder.provenance drops them)
         d.pop(k, None)
     return d
 
@@ -1029,7 +1029,8 @@ def _from_store(kind: str, d: Path, cohort: Cohort, n: int, *, boxes, return_gri
         meta = meta[first].reset_index(drop=True)
         feats = {m: v[first] for m, v in feats.items()}
         feats["roi_local"] = np.full_like(feats["cls"], np.nan)
-        meta = meta.assign(box_index=-1, box_class=None, x1=np.nan, y1=np.nan, x2=np.nan, y2=np.nan)
+        meta = meta.assign(box_index=-1, box_class=None, x1=np.nan, y1=np.nan, x2=np.nan, y2=np.nan,
+                           roi_visible=np.nan, roi_excluded=None)
     elif kind == "cohort":
         meta, feats = _select_boxes(d, prov, cohort, meta, feats, boxes)
     if kind == "cohort":
@@ -1058,7 +1059,7 @@ def _select_boxes(d: Path, prov: Mapping, cohort: Cohort, meta: pd.DataFrame, fe
         w = by_image.get(image_id)
         if w is None or len(w) == 0:
             out_rows.append({**meta.loc[first].to_dict(), "box_index": -1, "box_class": None,
-                             **{c: np.nan for c in coords}})
+                             **{c: np.nan for c in coords}, "roi_visible": np.nan, "roi_excluded": None})
             take.append(first)
             roi.append(np.full(feats["cls"].shape[1], np.nan, np.float32))
             continue
@@ -1067,13 +1068,18 @@ def _select_boxes(d: Path, prov: Mapping, cohort: Cohort, meta: pd.DataFrame, fe
             hit = have.index[np.isclose(have[coords].to_numpy(float), np.asarray(xy, float), atol=1e-6).all(axis=1)]
             row = {**meta.loc[first].to_dict(), "box_index": k, "box_class": None if cl is None or pd.isna(cl) else str(cl),
                    **dict(zip(coords, map(float, xy)))}
-            out_rows.append(row)
-            take.append(first)
             if len(hit):
+                # the stored box's own visibility and exclusion reason, not its image's first row's
+                row.update(roi_visible=meta.at[hit[0], "roi_visible"], roi_excluded=meta.at[hit[0], "roi_excluded"])
                 roi.append(feats["roi_local"][hit[0]])
             else:
+                frac = float(geometry_from_json(meta.at[first, "geometry"]).visible_fraction([xy])[0])
+                reason = excluded_reasons(np.array([frac]))[0]
+                row.update(roi_visible=frac, roi_excluded=reason or None)
                 roi.append(None)
                 need.append((len(roi) - 1, int(meta.loc[first, "pass_id"]), xy))
+            out_rows.append(row)
+            take.append(first)
     if need:
         if not prov.get("store_grid"):
             _, pid, xy = need[0]
