@@ -346,6 +346,8 @@ class GluedTable:
                  "|" + "|".join(":---" if self.shown[c].map(_is_texty).all() else "---:" for c in cols) + "|"]
         for row in self.shown.itertuples(index=False):
             lines.append("| " + " | ".join(_md_escape(v) for v in row) + " |")
+        if self.shown.empty:  # a table with no rows still says so, under its number and caption
+            lines.append("| " + " | ".join(["none"] + [""] * (len(cols) - 1)) + " |")
         foot = " ".join(_md_escape(n) for n in self.notes)
         lines += ["", f"{foot} [{self._link_text()}](path:{self.csv})".strip()]
         return "\n".join(lines) + "\n"
@@ -417,7 +419,9 @@ def publish_table(df: pd.DataFrame, key: str, output_dir: str | os.PathLike, *, 
 
 def format_table(df: pd.DataFrame, floatfmt: str = "{:.3f}"):
     """A pandas Styler of :func:`format_for_reading` (no index), for showing a table in a notebook."""
-    return format_for_reading(df, floatfmt=floatfmt).style.hide(axis="index")
+    # the theme's table classes, so a table shown in a cell output reads like a published one
+    return format_for_reading(df, floatfmt=floatfmt).style.hide(axis="index").set_table_attributes(
+        'class="table cxr-table"')
 
 
 # -- orders and colours --------------------------------------------------------------------

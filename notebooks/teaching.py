@@ -253,36 +253,30 @@ report.glue_text("num-teaching-verdict", verdict)
 
 # %% tags=["solution"]
 sweep = [PerturbationCell("nodule", float(d), contrast) for d in footprints_px]
-emb_sweep = encode_panel(cohort, encoder, sweep, seed=seed)
+emb_sweep = encode_panel(cohort, encoder, sweep, seed=seed)  # every image once per cell, the base image once
 oof = out_of_fold_table(emb_sweep.meta, emb_sweep.features, "arm", by=["cell"], n_splits=5, seed=seed)
 curve = auc_table(oof, list(POOLING_MODES), "arm", by=["cell"], score_name="pooling", group_col="patient_id",
                   n_boot=n_boot, seed=seed)
 # tokens under each box, through the encoder's own geometry
 geom = encoder.geometry_for(image.shape)
-meta = emb_sweep.meta[emb_sweep.meta["arm"] == 1]
-tokens = meta.assign(tokens=[geom.cell_mask(b).sum() for b in meta[["x1", "y1", "x2", "y2"]].to_numpy()]
-                     ).groupby("cell")["tokens"].mean()
+boxes = emb_sweep.meta.query("arm == 1")
+tokens = boxes.assign(tokens=[geom.cell_mask(b).sum() for b in boxes[["x1", "y1", "x2", "y2"]].to_numpy()]
+                      ).groupby("cell")["tokens"].mean().round()
 curve = curve.assign(footprint_px=curve["cell"].map({c.name: c.footprint_px for c in sweep}),
                      tokens=curve["cell"].map(tokens), encoder=encoder_key)
 fig = report.dilution_figure(curve, patches_per_px={encoder_key: report.patches_per_px(encoder, image.shape)},
                              title="AUC against footprint", label=provenance)
 report.show_figure(fig, "fig-teaching-dilution", output_dir)
-report.save_table(curve, "tab-teaching-dilution", output_dir)
 wide = curve.pivot_table(index=["footprint_px", "tokens"], columns="pooling", values="auc").reset_index()
-first = {m: next((f"{d:g} px" for d, a in zip(wide["footprint_px"], wide[m]) if a >= 0.75), "not within the sweep")
+display(report.format_table(wide))
+first = {m: next((f"{d:g} px" for d, a in zip(wide["footprint_px"], wide[m]) if a >= 0.75), "none in the sweep")
          for m in POOLING_MODES}
 display(Markdown(
-    "| footprint (px) | tokens under the box | " + " | ".join(f"`{m}` AUC" for m in POOLING_MODES) + " |\n"
-    + "|---:|---:|" + "---:|" * len(POOLING_MODES) + "\n"
-    + "\n".join(f"| {r.footprint_px:g} | {r.tokens:.0f} of {n_all:,} | " + " | ".join(f"{r[m]:.3f}" for m in POOLING_MODES)
-                + " |" for _, r in wide.iterrows())
-    + "\n\nThe smallest footprint at which each mode reaches AUC 0.75: "
-    + "; ".join(f"`{m}` {first[m]}" for m in POOLING_MODES) + ". "
-    "`roi_local` averages only the tokens under the box, so the finding's share of what it averages stays "
-    "large however small the finding; `patch_mean` averages all tokens, so the finding must cover a sizeable "
-    "share of the image before the mean moves by more than it varies between images. `cls` behaves like a "
-    "weighted mean here. That is the dilution the paper measures, and the curve the panel page draws for "
-    "every encoder."))
+    f"AUC 0.75 is first reached by `roi_local` at {first['roi_local']}, by `patch_mean` at {first['patch_mean']} "
+    f"and by `cls` at {first['cls']}. `roi_local` averages only the tokens under the box, so however small the "
+    "finding, it fills much of what is averaged; `patch_mean` averages all tokens, so the finding must cover a "
+    "sizeable share of the image before the mean moves by more than it varies between images; `cls` behaves "
+    "like a weighted mean here. That is the dilution the paper measures."))
 
 # %% [markdown]
 # ### Exercise 3
@@ -298,40 +292,33 @@ display(Markdown(
 # %% tags=["solution"]
 from cxrcore.stats import compare_table, delong_paired
 
-scored = emb.meta.assign(roi_local=scores["roi_local"], cls=scores["cls"])
-
 
 def both_tests(df):
-    """p of roi_local vs cls: patient-cluster bootstrap, and DeLong with the images as independent."""
+    """roi_local vs cls: patient-cluster bootstrap of the paired difference, and DeLong with images as independent."""
     cluster = compare_table(df, ["cls", "roi_local"], "arm", pairs=[("roi_local", "cls")], group_col="patient_id",
                             n_boot=n_boot, seed=seed).iloc[0]
     naive = delong_paired(df["arm"], df["roi_local"], df["cls"])
-    return cluster, naive
+    return {"AUC difference": cluster.delta, "p (patient-cluster bootstrap)": cluster.p_value,
+            "p (images as independent)": naive.p_value}
 
 
-cluster, naive = both_tests(scored)
+scored = emb.meta.assign(roi_local=scores["roi_local"], cls=scores["cls"])
 copied = pd.concat([scored] * copies, ignore_index=True)  # the same rows again: no new information
-cluster_x, naive_x = both_tests(copied)
-# why pairing helps: a patient's two images score alike, so patient-to-patient spread cancels within a pair
-pairs = scored.pivot_table(index="patient_id", columns="arm", values="cls")
-r_cls = pairs[0].corr(pairs[1])
+tests = pd.DataFrame([{"data": f"as collected: {len(scored)} images", **both_tests(scored)},
+                      {"data": f"every image {copies} times: {len(copied)} images", **both_tests(copied)}])
+display(report.format_table(tests))
+smaller = tests.loc[0, "p (patient-cluster bootstrap)"] < tests.loc[0, "p (images as independent)"]
+pairs = scored.pivot_table(index="patient_id", columns="arm", values="cls")  # a patient's two images
 display(Markdown(
-    f"| data | AUC difference (`roi_local` − `cls`) | patient-cluster bootstrap | images as independent (DeLong) |\n"
-    f"|---|---:|---:|---:|\n"
-    f"| as collected ({len(scored)} images, {scored['patient_id'].nunique()} patients) | {cluster.delta:+.3f} | "
-    f"{report.format_p(cluster.p_value, prefix=True)} | {report.format_p(naive.p_value, prefix=True)} |\n"
-    f"| every image {copies} times ({len(copied)} images) | {cluster_x.delta:+.3f} | "
-    f"{report.format_p(cluster_x.p_value, prefix=True)} | {report.format_p(naive_x.p_value, prefix=True)} |\n\n"
-    f"**As collected**, the patient-cluster p is the *smaller* one. Each patient is in both arms, and a "
-    f"patient's original and perturbed images score alike (correlation of their `cls` scores: {r_cls:.2f}). "
-    "Resampling patients keeps each pair together, so the patient-to-patient spread, which moves both images "
-    "of a pair, cancels out of the comparison; the images-as-independent test counts that spread as noise. "
-    "It is the paired t-test against the two-sample t-test.\n\n"
-    f"**Copied {copies} times**, the images-as-independent p shrinks (it believes it has {copies}× the data) while "
-    "the patient-cluster p barely moves: copies of a patient carry no new information, and resampling patients "
-    "knows it. Pseudo-replication (several images of one patient in one arm) is the usual case in real cohorts, "
-    "and there ignoring the patients makes p too *small*. The rule is not 'clustering makes p larger' but "
-    "'resample what was sampled': patients."))
+    f"As collected, the patient-cluster p is the {'*smaller*' if smaller else '*larger*'} one here"
+    f"{'' if smaller else ' (unusually for a paired design)'}. Each patient is in both arms, and a patient's "
+    f"original and perturbed images score alike (correlation of their `cls` scores {pairs[0].corr(pairs[1]):.2f}). "
+    "Resampling patients keeps each pair together, so the spread between patients, which moves both images of a "
+    "pair, cancels out of the comparison; treating images as independent counts it as noise (a paired against a "
+    "two-sample t-test). Copied, the images-as-independent p shrinks, because it believes it has more data, while "
+    "the patient-cluster p stays: copies carry no new information. Several images of one patient in one arm is "
+    "the usual case in real cohorts, and there ignoring patients makes p too *small*. The rule is not that "
+    "clustering makes p larger: resample what was sampled, patients."))
 
 # %% [markdown]
 # ## What we did

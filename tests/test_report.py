@@ -276,3 +276,10 @@ def test_patch_grid_figure_counts_the_tokens_under_the_box():
     assert f"{(r1 - r0) * (c1 - c0)} tokens" in text and f"{g.grid[0] * g.grid[1]:,} tokens" in text
     assert fig.get_figwidth() <= report.PAGE_WIDTH_IN + 1e-9
     plt.close(fig)
+
+
+def test_an_empty_table_still_renders_and_says_none():
+    empty = pd.DataFrame({"reason": pd.Series([], dtype=str), "count": pd.Series([], dtype=int)})
+    shown, notes = report.table_for_page(empty)
+    md = report.GluedTable(shown, notes, "t.csv", 0, 2)._repr_markdown_()
+    assert md.splitlines()[:3] == ["| reason | count |", "|:---|:---|", "| none |  |"]

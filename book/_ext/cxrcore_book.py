@@ -105,10 +105,16 @@ def rewrite_launch_buttons(app, pagename, templatename, context, doctree):
                        type="cxrcore", subtype="launch")
         context["header_buttons"] = [b for b in context["header_buttons"] if b.get("label") != "launch-buttons"]
         return
+    # the theme writes the page's path as <path_to_docs>/<pagename>.ipynb ("./book/..." for path_to_docs ".")
+    docs = app.config.html_theme_options.get("path_to_docs", "").strip("/")
+    theme_path = f"{docs}/{page_path}" if docs else page_path
     for group in groups:
         for button in group.get("buttons", []):
             if "url" in button:
-                button["url"] = button["url"].replace(page_path, target)
+                if theme_path not in button["url"]:
+                    raise RuntimeError(f"{pagename}: launch URL {button['url']} does not name {theme_path}; "
+                                       "sphinx-book-theme changed how it builds launch URLs (see its header_buttons/launch.py)")
+                button["url"] = button["url"].replace(theme_path, target)
 
 
 def add_static(app, config):
