@@ -7,12 +7,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: book test env browser bench clean help
+.PHONY: book test env browser bench clean help notebooks smoke
 
 help:
 	@echo "make book   build the book (HTML at _build/html/index.html)"
 	@echo "make test   run the test suite"
 	@echo "make bench  run the benchmarks in benchmarks/"
+	@echo "make notebooks  regenerate notebooks/*.ipynb (committed, for Binder/Colab) from notebooks/*.py"
+	@echo "make smoke  a small build for checking, in _smoke/ (never replaces the book)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +33,14 @@ browser:
 book: $(STAMP)
 	$(PY) book/build.py
 
+# The .ipynb beside each notebooks/*.py is generated (jupytext, no outputs, an install cell
+# first) and committed so that Binder and Colab open a file that exists; a test checks they agree.
+notebooks: $(STAMP)
+	$(PY) book/build.py --sync-notebooks
+
+smoke: $(STAMP)
+	$(PY) book/build.py --smoke --out _smoke
+
 test: $(STAMP) browser
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
@@ -38,4 +48,4 @@ bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f --quick || exit 1; done
 
 clean:
-	rm -rf _build book/_generated
+	rm -rf _build _smoke book/_generated

@@ -1,19 +1,29 @@
 """The book's figures and tables: one house style, saved as files and glued under stable keys.
 
-Keys are namespaced ``fig-<analysis>-<what>`` / ``tab-<analysis>-<what>``; every
-figure is written to ``<output_dir>/<key>.png`` and every table to
-``<output_dir>/<key>.csv`` as well as glued, so the book and a reader's own scripts
-see the same numbers.
+Keys are namespaced ``fig-<analysis>-<what>`` / ``tab-<analysis>-<what>`` /
+``num-<analysis>-<what>``; every figure is written to ``<output_dir>/<key>.png`` and
+every table to ``<output_dir>/<key>.csv`` as well as glued, so the book and a reader's
+own scripts see the same numbers.
+
+On a page (MyST markdown cells of the notebook):
+
+- a figure: ```` ```{glue:figure} fig-x-y ```` with ``:name: fig-x-y`` and a caption;
+- a table: ```` ```{glue:table} tab-x-y ```` with a caption (the book's extension,
+  ``book/_ext/cxrcore_book.py``: a numbered "Table N", ``:name:`` defaults to the key);
+- a number in prose: ``{glue:text}`num-x-y``` after :func:`glue_text`;
+- refer to any of them with ``{numref}`fig-x-y``` / ``{numref}`tab-x-y```.
 """
 
 from __future__ import annotations
 
+import html
+import math
 import os
 import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import matplotlib
 
@@ -25,16 +35,45 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .pooling import POOLING_MODES  # noqa: E402
-
-#: One colour per pooling mode, the same in every figure of the book.
-POOLING_PALETTE: dict[str, str] = {"cls": "#4C72B0", "patch_mean": "#DD8452", "roi_local": "#55A868"}
 _KEY = re.compile(r"^(fig|tab|num)-[a-z0-9]+(-[a-z0-9]+)*$")
 
 STAND_IN_LABEL = "synthetic cohort, random-weight stand-in encoders"
 PROVENANCE_FILE = "provenance.json"
 
+#: The order encoders appear in, in every figure and table of the book: the paper's
+#: five ViTs, then the ResNet-50 control. Keys not listed (``timm:...``, ``hf:...``)
+#: follow in the order they first appear.
+ENCODER_ORDER: tuple[str, ...] = ("rad-dino", "dinov2-b14", "dinov3-vit7b16", "biomedclip", "medsiglip-448",
+                                  "dino-resnet50")
 
+#: The order pooling modes appear in: the paper's two global readouts, the box-free
+#: readouts of the same forward pass, then the box-restricted ``roi_local``.
+POOLING_ORDER: tuple[str, ...] = ("cls", "patch_mean", "gem", "topk_mean", "patch_max", "mil", "roi_local")
+
+#: One colour per pooling mode, the same in every figure of the book (seaborn "deep").
+POOLING_COLORS: dict[str, str] = {
+    "cls": "#4C72B0",  # blue
+    "patch_mean": "#DD8452",  # orange
+    "gem": "#8172B3",  # purple
+    "topk_mean": "#937860",  # brown
+    "patch_max": "#C44E52",  # red
+    "mil": "#DA8BC3",  # pink
+    "roi_local": "#55A868",  # green
+}
+#: One marker per pooling mode, so the modes stay apart in grey print and for readers
+#: who do not tell the colours apart.
+POOLING_MARKERS: dict[str, str] = {"cls": "o", "patch_mean": "s", "gem": "D", "topk_mean": "v", "patch_max": "^",
+                                   "mil": "P", "roi_local": "X"}
+#: The earlier name of :data:`POOLING_COLORS` (notebooks use both).
+POOLING_PALETTE = POOLING_COLORS
+
+#: Figures are drawn at the width of the book's text column so that their fonts read at
+#: the size they were set in (about 12 px at 1400 px page width).
+PAGE_WIDTH_IN = 7.5
+CHANCE_COLOR = "0.45"
+
+
+# -- provenance ----------------------------------------------------------------------------
 def provenance_label(cohort_name: str, synthetic: bool, stand_in: bool) -> str:
     """How a result was produced, in the words every figure and table carries."""
     if synthetic and stand_in:
@@ -58,11 +97,14 @@ def record_run(output_dir: str | os.PathLike, *, cohort, stand_in: bool, encoder
     return label
 
 
+# -- style, keys, files --------------------------------------------------------------------
 def set_style() -> None:
     """The house style: seaborn ticks, readable sizes, no top/right spines."""
-    sns.set_theme(context="notebook", style="ticks", font_scale=0.95)
-    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "axes.spines.top": False,
-                         "axes.spines.right": False, "savefig.bbox": "tight"})
+    sns.set_theme(context="notebook", style="ticks", font_scale=0.9)
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 160, "axes.spines.top": False,
+                         "axes.spines.right": False, "savefig.bbox": "tight", "legend.frameon": False,
+                         "axes.titlesize": 10, "axes.labelsize": 9.5, "xtick.labelsize": 8.5,
+                         "ytick.labelsize": 8.5, "legend.fontsize": 8.5, "figure.titlesize": 10})
 
 
 def check_key(key: str) -> str:
@@ -92,9 +134,9 @@ def save_figure(fig: matplotlib.figure.Figure, key: str, output_dir: str | os.Pa
 
 
 def save_table(df: pd.DataFrame, key: str, output_dir: str | os.PathLike) -> Path:
-    """Save ``df`` as ``<output_dir>/<key>.csv`` atomically."""
+    """Save ``df`` as ``<output_dir>/<key>.csv`` atomically (full precision, every column)."""
     path = Path(output_dir) / f"{check_key(key)}.csv"
-    _atomic_write(path, lambda p: df.to_csv(p, index=False))
+    _atomic_write(path, lambda p: _flat(df).to_csv(p, index=False))
     return path
 
 
@@ -106,6 +148,18 @@ def glue(key: str, value, display: bool = False) -> None:
     except ImportError:  # running as a script without the book extras: files are still written
         return
     _glue(key, value, display=display)
+
+
+def glue_text(key: str, value, fmt: str = "{}") -> None:
+    """Glue ``fmt.format(value)`` as text under a ``num-...`` key, for ``{glue:text}`key``` in prose.
+
+    The string is formatted here, so the page shows exactly what the notebook computed
+    (no repr, no quotes); use :func:`format_p` / :func:`format_ci` for p-values and CIs.
+    """
+    if not check_key(key).startswith("num-"):
+        raise ValueError(f"glue_text key {key!r} must start with 'num-' (figures are 'fig-...', tables 'tab-...')")
+    text = value if fmt == "{}" and isinstance(value, str) else fmt.format(value)
+    glue(key, str(text), display=False)
 
 
 def _png_in_notebooks() -> None:
@@ -131,82 +185,447 @@ def publish_figure(fig, key: str, output_dir: str | os.PathLike) -> None:
     plt.close(fig)  # shown through the glue only, never twice
 
 
-def publish_table(df: pd.DataFrame, key: str, output_dir: str | os.PathLike, *, floatfmt: str = "{:.3f}") -> None:
-    """Save ``<output_dir>/<key>.csv`` and glue the table, rendered as HTML, under ``key``."""
-    save_table(df, key, output_dir)
-    glue(key, format_table(df, floatfmt=floatfmt), display=False)
+def show_figure(fig, key: str, output_dir: str | os.PathLike) -> None:
+    """Save ``<output_dir>/<key>.png`` and show the figure in the cell's output (not glued).
+
+    For figures that belong inside a collapsed cell (a solution), where a ``{glue:figure}``
+    on the page would give the answer away. Returns None.
+    """
+    save_figure(fig, key, output_dir)
+    _png_in_notebooks()
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(fig)
+    plt.close(fig)
 
 
-def format_table(df: pd.DataFrame, floatfmt: str = "{:.3f}"):
-    """A pandas Styler with fixed float format and no index, for HTML rendering in the book."""
-    floats = [c for c in df.columns if pd.api.types.is_float_dtype(df[c])]
-    return df.style.format({c: floatfmt for c in floats}, na_rep="–").hide(axis="index")
+# -- numbers in words ----------------------------------------------------------------------
+def format_p(p: float, *, prefix: bool = False) -> str:
+    """A p-value for reading: ``0.007``, ``0.150``, ``<0.001`` (``p = 0.007`` with ``prefix``).
+
+    Three decimals down to 0.001 and a bound below it (the APA convention): the exact size
+    of a tiny p is noise of the normal approximation; tables keep ``log10_p`` for it.
+    """
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "–"
+    p = float(p)
+    text = "<0.001" if p < 0.001 else f"{p:.3f}"
+    if prefix:
+        return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    return text
+
+
+def format_ci(est: float, lo: float, hi: float, fmt: str = "{:.3f}") -> str:
+    """'0.774 [0.713, 0.837]'; '0.774' without a CI; 'not estimable' without an estimate."""
+    if est is None or pd.isna(est):
+        return "not estimable"
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return fmt.format(est)
+    return f"{fmt.format(est)} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
 def with_ci(df: pd.DataFrame, est: str = "auc", lo: str = "ci_low", hi: str = "ci_high", fmt: str = "{:.3f}") -> pd.Series:
     """'0.712 [0.650, 0.771]' strings for a table column ('0.712' where the row has no CI)."""
-    def one(r) -> str:
-        if pd.isna(r[est]):
-            return "not estimable"
-        if pd.isna(r[lo]) or pd.isna(r[hi]):
-            return fmt.format(r[est])
-        return f"{fmt.format(r[est])} [{fmt.format(r[lo])}, {fmt.format(r[hi])}]"
-
-    return df.apply(one, axis=1).astype(str) if len(df) else pd.Series([], dtype=str)
+    if not len(df):
+        return pd.Series([], dtype=str)
+    return pd.Series([format_ci(r[est], r[lo], r[hi], fmt) for _, r in df.iterrows()], index=df.index, dtype=str)
 
 
-def auc_by_pooling_figure(table: pd.DataFrame, *, x: str = "encoder", col: str | None = None, col_wrap: int = 4,
-                          title: str = "", chance: float = 0.5, label: str = STAND_IN_LABEL):
+# -- tables for reading --------------------------------------------------------------------
+_P_COL = re.compile(r"(p|q)([ _-]?(value|val|adj|adjusted))?([ _-]?\(.*\)|[ _-](bh|fdr|holm))?", re.I)
+_COUNT_COL = re.compile(r"^(n|count|k)$|^n[ _]|[ _]n$|count|^#|images|boxes|patients|excluded|replicates", re.I)
+_NOTE_COLUMNS = ("produced with", "produced_with", "ours produced with")
+
+
+def _flat(df: pd.DataFrame) -> pd.DataFrame:
+    """Row labels as columns (a pivot's index is data; a RangeIndex is not) and one header row."""
+    out = df.copy()
+    if not isinstance(out.index, pd.RangeIndex) or out.index.name is not None:
+        out = out.reset_index()
+    if isinstance(out.columns, pd.MultiIndex):
+        out.columns = [" / ".join(str(p) for p in c if str(p) != "") for c in out.columns]
+    out.columns = [str(c) for c in out.columns]
+    out.columns.name = None
+    return out
+
+
+def _is_p_column(name: str) -> bool:
+    """p- and q-value columns ("p", "p_value", "p_adj", "q value", "p (BH)"), never "log10_p"."""
+    n = name.strip().lower()
+    return bool(_P_COL.fullmatch(n)) or (not n.startswith("log") and ("p_value" in n or "p-value" in n))
+
+
+def _format_number(v, fmt: str) -> str:
+    v = float(v)
+    if not math.isfinite(v):
+        return "–" if math.isnan(v) else ("∞" if v > 0 else "−∞")
+    if v != 0 and abs(v) < 5e-4:  # "0.000" would hide it; scientific keeps it readable
+        return f"{v:.1e}"
+    if abs(v) >= 1e3:
+        return f"{v:,.0f}"
+    return fmt.format(v)
+
+
+def _cell(v, fmt: str) -> str:
+    """One table cell as text: no reprs (paths, lists, numpy scalars) ever reach a page."""
+    if v is None:
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,d}" if abs(int(v)) >= 10_000 else f"{int(v):d}"
+    if isinstance(v, (float, np.floating)):
+        return _format_number(v, fmt)
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if isinstance(v, Mapping):
+        return ", ".join(f"{k}={_cell(x, fmt)}" for k, x in v.items())
+    if isinstance(v, (list, tuple, set, np.ndarray, pd.Series)):
+        return ", ".join(_cell(x, fmt) for x in v)
+    if np.ndim(v) == 0 and pd.isna(v):
+        return "–"
+    return str(v)
+
+
+def format_for_reading(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> pd.DataFrame:
+    """The table as strings for a page: three decimals, integers as integers, p-values by :func:`format_p`.
+
+    A pivot's row labels become columns (no index column is shown); a float column whose
+    values are all whole numbers and that counts something (its name, or a value above 1)
+    is shown as integers ("2", not "2.0"); values below 0.0005 in magnitude are shown in
+    scientific notation rather than as 0.000; NaN is shown as "–".
+    """
+    out = _flat(df)
+    shown = {}
+    for c in out.columns:
+        s = out[c]
+        if pd.api.types.is_bool_dtype(s):
+            shown[c] = [_cell(v, floatfmt) if not pd.isna(v) else "–" for v in s]
+        elif pd.api.types.is_integer_dtype(s):
+            shown[c] = [_cell(int(v), floatfmt) if not pd.isna(v) else "–" for v in s]
+        elif pd.api.types.is_float_dtype(s):
+            finite = s[np.isfinite(s.to_numpy(dtype=float, na_value=np.nan))]
+            whole = len(finite) > 0 and bool((finite == np.round(finite)).all())
+            if _is_p_column(c):
+                shown[c] = [format_p(v) for v in s]
+            elif whole and (finite.abs().max() > 1 or _COUNT_COL.search(c)):
+                shown[c] = [_cell(int(v), floatfmt) if np.isfinite(v) else _format_number(v, floatfmt) for v in s]
+            else:
+                shown[c] = [_format_number(v, floatfmt) if not pd.isna(v) else "–" for v in s]
+        else:
+            shown[c] = [_cell(v, floatfmt) for v in s]
+    return pd.DataFrame(shown, columns=list(out.columns))
+
+
+def _md_escape(text: str) -> str:
+    """Escape what MyST would read as markup in a table cell (pipes, emphasis, math, roles, links)."""
+    text = text.replace("\\", "\\\\").replace("\n", " ")
+    return re.sub(r"([|*_`\[\]<>$~{}#])", r"\\\1", text)
+
+
+class GluedTable:
+    """A table as glued for the book: MyST markdown (for ``{glue:table}``) and HTML (elsewhere).
+
+    ``shown`` is the string frame on the page, ``notes`` the sentences under it, ``csv``
+    the path of the full table (relative to the page) the download link points at.
+    """
+
+    def __init__(self, shown: pd.DataFrame, notes: Sequence[str], csv: str, n_rows: int, n_cols: int):
+        self.shown, self.notes, self.csv, self.n_rows, self.n_cols = shown, list(notes), csv, n_rows, n_cols
+
+    def _link_text(self) -> str:
+        return f"full table as CSV ({self.n_rows} rows × {self.n_cols} columns)"
+
+    def _repr_markdown_(self) -> str:
+        cols = list(self.shown.columns)
+        lines = ["| " + " | ".join(_md_escape(c) for c in cols) + " |",
+                 "|" + "|".join(":---" if self.shown[c].map(_is_texty).all() else "---:" for c in cols) + "|"]
+        for row in self.shown.itertuples(index=False):
+            lines.append("| " + " | ".join(_md_escape(v) for v in row) + " |")
+        if self.shown.empty:  # a table with no rows still says so, under its number and caption
+            lines.append("| " + " | ".join(["none"] + [""] * (len(cols) - 1)) + " |")
+        foot = " ".join(_md_escape(n) for n in self.notes)
+        lines += ["", f"{foot} [{self._link_text()}](path:{self.csv})".strip()]
+        return "\n".join(lines) + "\n"
+
+    def _repr_html_(self) -> str:
+        body = self.shown.to_html(index=False, escape=True, border=0, classes="cxr-table")
+        foot = " ".join(html.escape(n) for n in self.notes)
+        return f'{body}\n<p class="cxr-table-note">{foot} <a href="{html.escape(self.csv)}">{self._link_text()}</a></p>'
+
+    def __repr__(self) -> str:  # what a cell shows if someone displays it: never the whole frame
+        return f"<table: {self.n_rows} rows × {self.n_cols} columns, full table in {self.csv}>"
+
+
+def _is_texty(v: str) -> bool:
+    """Left-align text, right-align numbers (and CIs, which start with a number)."""
+    return not re.match(r"^[−+-]?[<]?\d|^–$", v)
+
+
+def _page_relative(path: Path, output_dir: Path) -> str:
+    """``path`` relative to the page that shows it: book/build.py says where pages land
+    (CXRCORE_PAGE_DIR); otherwise pages sit two levels above their outputs (``figures/<notebook>/``)."""
+    page_dir = os.environ.get("CXRCORE_PAGE_DIR") or str(output_dir.resolve().parent.parent)
+    return Path(os.path.relpath(path.resolve(), Path(page_dir).resolve())).as_posix()
+
+
+def table_for_page(df: pd.DataFrame, *, floatfmt: str = "{:.3f}", max_columns: int = 8, max_rows: int = 40,
+                   note: str = "") -> tuple[pd.DataFrame, list[str]]:
+    """What :func:`publish_table` shows: the formatted table cut to the page, and the notes under it.
+
+    A "produced with" column that is the same on every row becomes one note; columns
+    beyond ``max_columns`` and rows beyond ``max_rows`` stay in the CSV, and a note says so.
+    """
+    shown = format_for_reading(df, floatfmt=floatfmt)
+    notes = [note] if note else []
+    for c in [c for c in shown.columns if c.lower() in _NOTE_COLUMNS]:
+        values = shown[c].unique()
+        if len(values) == 1 and len(shown) > 0:
+            notes.append(f"{c[0].upper() + c[1:].replace('_', ' ')}: {values[0]}.")
+            shown = shown.drop(columns=c)
+    n_cols = shown.shape[1]
+    if n_cols > max_columns:
+        shown = shown.iloc[:, :max_columns]
+        notes.append(f"Showing {max_columns} of {n_cols} columns;")
+    if len(shown) > max_rows:
+        notes.append(f"Showing the first {max_rows} of {len(shown)} rows;")
+        shown = shown.head(max_rows)
+    return shown, notes
+
+
+def publish_table(df: pd.DataFrame, key: str, output_dir: str | os.PathLike, *, floatfmt: str = "{:.3f}",
+                  full: pd.DataFrame | None = None, max_columns: int = 8, max_rows: int = 40, note: str = "") -> None:
+    """Save the full table as ``<output_dir>/<key>.csv`` and glue ``df`` for reading under ``key``.
+
+    ``df`` is what the page shows (see :func:`table_for_page`); ``full`` (default ``df``)
+    is what the CSV under the table holds, at full precision. On the page::
+
+        ```{glue:table} tab-x-y
+        Caption, referred to as {numref}`tab-x-y`.
+        ```
+
+    Returns None so that a cell ending with this call prints nothing.
+    """
+    output_dir = Path(output_dir)
+    csv = save_table(df if full is None else full, key, output_dir)
+    full_flat = _flat(df if full is None else full)
+    shown, notes = table_for_page(df, floatfmt=floatfmt, max_columns=max_columns, max_rows=max_rows, note=note)
+    glue(key, GluedTable(shown, notes, _page_relative(csv, output_dir), *full_flat.shape), display=False)
+
+
+def format_table(df: pd.DataFrame, floatfmt: str = "{:.3f}"):
+    """A pandas Styler of :func:`format_for_reading` (no index), for showing a table in a notebook."""
+    # the theme's table classes, so a table shown in a cell output reads like a published one
+    return format_for_reading(df, floatfmt=floatfmt).style.hide(axis="index").set_table_attributes(
+        'class="table cxr-table"')
+
+
+# -- orders and colours --------------------------------------------------------------------
+def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
+    seen = list(dict.fromkeys(values))
+    return [v for v in order if v in seen] + [v for v in seen if v not in order]
+
+
+def order_encoders(values: Iterable[str]) -> list[str]:
+    """``values`` in :data:`ENCODER_ORDER` (unlisted keys after, as they came)."""
+    return _ordered(values, ENCODER_ORDER)
+
+
+def order_pooling(values: Iterable[str]) -> list[str]:
+    """``values`` in :data:`POOLING_ORDER` (unlisted modes after, as they came)."""
+    return _ordered(values, POOLING_ORDER)
+
+
+def pooling_color(mode: str) -> str:
+    """The book's colour for ``mode``; an unknown mode is an error, never a colour by chance."""
+    try:
+        return POOLING_COLORS[mode]
+    except KeyError:
+        raise ValueError(f"pooling mode {mode!r} has no colour; add it to cxrcore.report.POOLING_COLORS "
+                         f"(and POOLING_ORDER, POOLING_MARKERS): the book uses one colour per mode") from None
+
+
+def _auc_axis(ax, chance: float = 0.5) -> None:
+    """AUC axes run 0 to 1 (a whisker never leaves the plot) with the chance line."""
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.axhline(chance, color=CHANCE_COLOR, ls="--", lw=1, zorder=0)
+
+
+def _legend_below(fig, axes, modes: Sequence[str], title: str = "pooling") -> None:
+    """One legend for the figure, below the panels (constrained layout keeps it off the data)."""
+    handles = [plt.Line2D([], [], color=pooling_color(m), marker=POOLING_MARKERS.get(m, "o"), ls="-", lw=1.4, ms=5)
+               for m in modes]
+    fig.legend(handles, modes, title=title, loc="outside lower center", ncol=min(len(modes), 7), frameon=False,
+               title_fontsize=8.5)
+
+
+def _label_title(fig, title: str, label: str | None) -> None:
+    text = "\n".join(t for t in (title, f"({label})" if label else "") if t)
+    if text:
+        fig.suptitle(text, fontsize=9.5)
+
+
+def _panel_grid(n: int, col_wrap: int, panel_h: float, extra_h: float = 1.1, width: float = PAGE_WIDTH_IN):
+    """Panels wrapped ``col_wrap`` to a row, at most as wide as the page, laid out so titles and legend fit."""
+    ncols = max(1, min(n, col_wrap))
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, panel_h * nrows + extra_h), sharey=True,
+                             squeeze=False, layout="constrained")
+    return fig, axes, nrows, ncols
+
+
+# -- figures -------------------------------------------------------------------------------
+def auc_by_pooling_figure(table: pd.DataFrame, *, x: str = "encoder", col: str | None = None, col_wrap: int = 3,
+                          title: str = "", chance: float = 0.5, label: str | None = STAND_IN_LABEL):
     """Point-and-interval plot of AUC per pooling mode (colour) along ``x``, one panel per ``col`` value.
 
     ``table`` has columns ``pooling``, ``auc``, ``ci_low``, ``ci_high``, ``x`` (and ``col``);
-    rows without a CI are drawn as points. Panels wrap after ``col_wrap``. ``label`` says
-    how the numbers were produced and is printed on the figure.
+    rows without a CI are drawn as hollow points. Encoders follow :data:`ENCODER_ORDER`
+    wherever they are ``x`` or ``col``. ``label`` says how the numbers were produced and
+    is printed on the figure.
     """
     set_style()
-    cols = [None] if col is None else list(dict.fromkeys(table[col]))
-    ncols = min(len(cols), col_wrap)
-    nrows = int(np.ceil(len(cols) / ncols))
-    nx = table[x].nunique()
-    width = max(3.2, 1.6 + 0.55 * nx)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols + 1.2, 3.3 * nrows + 0.6), sharey=True, squeeze=False)
-    modes = [m for m in POOLING_MODES if m in set(table["pooling"])]
+    missing = [c for c in ("pooling", "auc", "ci_low", "ci_high", x, *([col] if col else [])) if c not in table.columns]
+    if missing:
+        raise ValueError(f"auc_by_pooling_figure: the table lacks column(s) {missing}; it has {list(table.columns)}")
+    cols = [None] if col is None else (order_encoders(table[col]) if col == "encoder" else list(dict.fromkeys(table[col])))
+    panel_h = 2.6
+    modes = order_pooling(table["pooling"])
+    # as wide as its points need (a lone panel of three points is not stretched over the page)
+    n_x = max(table[table[col] == c][x].nunique() if c is not None else table[x].nunique() for c in cols)
+    per_panel = 0.9 + 0.3 * n_x * (1 if x == "pooling" else len(modes))
+    ncols_ = max(1, min(len(cols), col_wrap))
+    width = min(PAGE_WIDTH_IN, max(4.2, ncols_ * per_panel + 0.8))
+    fig, axes, nrows, ncols = _panel_grid(len(cols), col_wrap, panel_h, width=width)
+    step = 0.0 if x == "pooling" else 0.8 / max(len(modes), 1)  # along x = pooling each mode has its own place
     for k, ax in enumerate(axes.ravel()):
         if k >= len(cols):
             ax.axis("off")
             continue
         c = cols[k]
         sub = table if c is None else table[table[col] == c]
-        xs = list(dict.fromkeys(sub[x]))
+        xs = (order_encoders(sub[x]) if x == "encoder" else order_pooling(sub[x]) if x == "pooling"
+              else list(dict.fromkeys(sub[x])))
+        _auc_axis(ax, chance)
         for j, m in enumerate(modes):
-            s = sub[sub["pooling"] == m].set_index(x).reindex(xs)
-            pos = np.arange(len(xs)) + (j - (len(modes) - 1) / 2) * 0.22
-            err = np.vstack([(s["auc"] - s["ci_low"]).fillna(0).clip(lower=0), (s["ci_high"] - s["auc"]).fillna(0).clip(lower=0)])
-            ax.errorbar(pos, s["auc"], yerr=err, fmt="o", color=POOLING_PALETTE[m], label=m, capsize=2.5, ms=5, lw=1.3)
-        ax.axhline(chance, color="0.5", ls="--", lw=1)
-        rot = 40 if (len(xs) > 3 or max(len(str(v)) for v in xs) > 10) else 0
-        ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs], rotation=rot, ha="right" if rot else "center", fontsize=8)
-        ax.set_ylim(0.3, 1.02)
+            s = sub[sub["pooling"] == m].drop_duplicates(x).set_index(x).reindex(xs)
+            pos = np.arange(len(xs)) + (j - (len(modes) - 1) / 2) * step
+            has_ci = s["ci_low"].notna() & s["ci_high"].notna()
+            err = np.vstack([(s["auc"] - s["ci_low"]).where(has_ci, 0).clip(lower=0),
+                             (s["ci_high"] - s["auc"]).where(has_ci, 0).clip(lower=0)])
+            colour = pooling_color(m)
+            ax.errorbar(pos, s["auc"], yerr=err, fmt=POOLING_MARKERS.get(m, "o"), color=colour, capsize=2, ms=4.5,
+                        lw=1.2, mfc=colour)
+            if (~has_ci & s["auc"].notna()).any():  # estimates without a CI are hollow, so a reader sees it
+                ax.plot(pos[~has_ci.to_numpy()], s["auc"][~has_ci], POOLING_MARKERS.get(m, "o"), color=colour,
+                        mfc="white", ms=4.5)
+        long = len(xs) > 3 or max((len(str(v)) for v in xs), default=0) > 10
+        ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs], rotation=35 if long else 0,
+                      ha="right" if long else "center", fontsize=8)
+        ax.set_xlim(-0.6, len(xs) - 0.4)
         ax.set_xlabel("")
         if c is not None:
-            ax.set_title(str(c), fontsize=10)
+            ax.set_title(str(c), fontsize=9.5)
     for r in range(nrows):
         axes[r, 0].set_ylabel("AUC (95% CI)")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, title="pooling", frameon=False, loc="center right", fontsize=8)
-    if title or label:
-        fig.suptitle(f"{title}\n({label})" if label else title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - 1.0 / (width * ncols + 1.2), 1))
+    _legend_below(fig, axes, modes)
+    _label_title(fig, title, label)
+    return fig
+
+
+def patches_per_px(encoder, image_hw: tuple[int, int]) -> float:
+    """Token-grid cells per original-image pixel for ``encoder`` on images of ``image_hw``.
+
+    Multiply a footprint in pixels by this to get it in patches (the width of one ViT
+    patch, or one cell of a CNN's output grid, in the model's input).
+    """
+    g = encoder.geometry_for(tuple(image_hw))
+    return float(g.scale_x) / float(g.stride)
+
+
+def dilution_figure(table: pd.DataFrame, *, patches_per_px: Mapping[str, float] | None = None, col_wrap: int = 3,
+                    chance: float = 0.5, title: str = "", label: str | None = STAND_IN_LABEL):
+    """The dilution curve: AUC against lesion footprint, one line per pooling mode, one panel per encoder.
+
+    ``table``: one row per (``encoder``, ``pooling``, ``footprint_px``) with ``auc``,
+    ``ci_low``, ``ci_high`` (one sweep: filter the panel to one kind and strength first).
+    The footprint (disk diameter in original pixels) runs on a log2 axis at the bottom;
+    the top axis gives it in patches, from ``patches_per_px`` (encoder -> factor, see
+    :func:`patches_per_px`) or from a ``footprint_patches`` column. CIs are bands.
+    """
+    set_style()
+    need = ["encoder", "pooling", "footprint_px", "auc", "ci_low", "ci_high"]
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise ValueError(f"dilution_figure: the table lacks column(s) {missing}; it has {list(table.columns)}")
+    dup = table.duplicated(["encoder", "pooling", "footprint_px"])
+    if dup.any():
+        r = table[dup].iloc[0]
+        raise ValueError(f"dilution_figure: several rows for encoder {r['encoder']!r}, pooling {r['pooling']!r}, "
+                         f"footprint {r['footprint_px']} px; pass one sweep (filter the cells to one kind and strength)")
+    encoders = order_encoders(table["encoder"])
+    modes = order_pooling(table["pooling"])
+    panel_h = 2.35
+    fig, axes, nrows, ncols = _panel_grid(len(encoders), col_wrap, panel_h, extra_h=1.3)
+    xs_all = np.sort(table["footprint_px"].unique().astype(float))
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(encoders):
+            ax.axis("off")
+            continue
+        enc = encoders[k]
+        sub = table[table["encoder"] == enc]
+        _auc_axis(ax, chance)
+        for m in modes:
+            s = sub[sub["pooling"] == m].sort_values("footprint_px")
+            if s.empty:
+                continue
+            colour = pooling_color(m)
+            ax.fill_between(s["footprint_px"], s["ci_low"], s["ci_high"], color=colour, alpha=0.15, lw=0)
+            ax.plot(s["footprint_px"], s["auc"], marker=POOLING_MARKERS.get(m, "o"), color=colour, lw=1.4, ms=4)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs_all, [f"{v:g}" for v in xs_all], fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlim(xs_all[0] / 1.25, xs_all[-1] * 1.25)
+        factor = None
+        if patches_per_px is not None and enc in patches_per_px:
+            factor = float(patches_per_px[enc])
+        elif "footprint_patches" in sub.columns and sub["footprint_patches"].notna().any():
+            factor = float(np.median(sub["footprint_patches"] / sub["footprint_px"]))
+        if factor:
+            top = ax.secondary_xaxis("top", functions=(lambda v, f=factor: v * f, lambda v, f=factor: v / f))
+            top.set_xticks(xs_all * factor, [f"{v * factor:.2g}" for v in xs_all], fontsize=7.5)
+            top.minorticks_off()
+            top.tick_params(length=2, pad=1)
+            top.set_xlabel("patches", fontsize=7.5, labelpad=1)
+        ax.set_title(enc, fontsize=9.5, pad=4)
+        if k // ncols == nrows - 1 or k + ncols >= len(encoders):
+            ax.set_xlabel("footprint (px)")
+    for r in range(nrows):
+        axes[r, 0].set_ylabel("AUC (95% CI)")
+    _legend_below(fig, axes, modes)
+    _label_title(fig, title, label)
     return fig
 
 
 def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, boxes: Sequence | None = None,
-               ncols: int = 4, size: float = 2.4, suptitle: str = ""):
-    """Grey images in a grid, optional titles and boxes ``(x1, y1, x2, y2)`` (or lists of them) drawn in red."""
+               ncols: int = 4, size: float | None = None, suptitle: str = ""):
+    """Grey images in a grid, optional titles and boxes ``(x1, y1, x2, y2)`` (or lists of them) drawn in red.
+
+    The grid is as wide as the page; ``size`` (inches per image) is kept for callers that
+    set it and only caps the width.
+    """
     set_style()
     n = len(images)
+    ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    side = min(PAGE_WIDTH_IN / ncols, size or PAGE_WIDTH_IN)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols, side * nrows + (0.4 if suptitle else 0)),
+                             squeeze=False)
     for k, ax in enumerate(axes.ravel()):
         ax.axis("off")
         if k >= n:
@@ -215,21 +634,29 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None
         if titles is not None:
             ax.set_title(titles[k], fontsize=8)
         if boxes is not None and boxes[k] is not None:
-            bl = boxes[k] if len(boxes[k]) and np.ndim(boxes[k][0]) else [boxes[k]]
-            for b in bl:
-                x1, y1, x2, y2 = b
-                ax.add_patch(plt.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ec="red", lw=1.2))
+            for b in _box_list(boxes[k]):
+                _draw_box(ax, b)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
+        fig.suptitle(suptitle, fontsize=9.5)
     fig.tight_layout()
     return fig
 
 
-def patch_grid_figure(image: np.ndarray, geometry, box, *, title: str = ""):
-    """The three pooling modes drawn on one model input: the token grid, the box and the cells it touches.
+def _box_list(b) -> list:
+    return list(b) if len(b) and np.ndim(b[0]) else [b]
+
+
+def _draw_box(ax, box, colour: str = "red", lw: float = 1.2, ls: str = "-") -> None:
+    x1, y1, x2, y2 = box
+    ax.add_patch(plt.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ec=colour, lw=lw, ls=ls))
+
+
+def patch_grid_figure(image: np.ndarray, geometry, box, *, title: str = "", zoom: bool = True):
+    """The pooling modes drawn on one model input: the token grid, the box and the cells it touches.
 
     ``image`` is the original 2-D image in [0, 1]; ``geometry`` the encoder's
-    :class:`~cxrcore.geometry.Geometry` for it; ``box`` in original pixels.
+    :class:`~cxrcore.geometry.Geometry` for it; ``box`` in original pixels. With ``zoom``
+    a fourth panel enlarges the box's neighbourhood so the cells under it can be counted.
     """
     import torch
 
@@ -239,38 +666,111 @@ def patch_grid_figure(image: np.ndarray, geometry, box, *, title: str = ""):
     s = geometry.stride
     r0, r1, c0, c1 = geometry.cells(box)
     bx1, by1, bx2, by2 = geometry.to_input([box])[0]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.9))
-    panels = [("cls", "one global embedding\n(CLS token / pooler / GAP)"),
-              ("patch_mean", f"mean of all {gh * gw} patch tokens"),
-              ("roi_local", f"mean of the {(r1 - r0) * (c1 - c0)} tokens under the box")]
+    n_box = (r1 - r0) * (c1 - c0)
+    panels = [("cls", "one global vector"),
+              ("patch_mean", f"mean of all {gh * gw:,} tokens"),
+              ("roi_local", f"mean of the {n_box} tokens\nunder the box")]
+    if zoom:
+        panels.append(("zoom", f"{gh}×{gw} grid, {s} px patches:\n{n_box} of {gh * gw:,} tokens "
+                               f"({100 * n_box / (gh * gw):.1f}%)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(PAGE_WIDTH_IN, PAGE_WIDTH_IN / len(panels) + 0.75))
+
+    def grid_lines(ax, lw):
+        for k in range(gw + 1):
+            ax.axvline(k * s - 0.5, color="w", lw=lw, alpha=0.55)
+        for k in range(gh + 1):
+            ax.axhline(k * s - 0.5, color="w", lw=lw, alpha=0.55)
+
     for ax, (mode, text) in zip(axes, panels):
         ax.imshow(x, cmap="gray", vmin=0, vmax=1)
-        for k in range(gw + 1):
-            ax.axvline(k * s - 0.5, color="w", lw=0.3, alpha=0.5)
-        for k in range(gh + 1):
-            ax.axhline(k * s - 0.5, color="w", lw=0.3, alpha=0.5)
-        colour = POOLING_PALETTE[mode]
-        if mode == "patch_mean":
-            ax.add_patch(plt.Rectangle((-0.5, -0.5), gw * s, gh * s, color=colour, alpha=0.25))
-        elif mode == "roi_local":
-            ax.add_patch(plt.Rectangle((c0 * s - 0.5, r0 * s - 0.5), (c1 - c0) * s, (r1 - r0) * s, color=colour, alpha=0.45))
-            ax.add_patch(plt.Rectangle((bx1 - 0.5, by1 - 0.5), bx2 - bx1, by2 - by1, fill=False, ec="red", lw=1.2))
-        else:
-            for side in ax.spines.values():  # the whole input -> one vector: frame it
-                side.set_visible(True)
-                side.set_color(colour)
-                side.set_linewidth(4)
-        ax.set_title(f"{mode}: {text}", fontsize=9, color=colour)
         ax.set_xticks([])
         ax.set_yticks([])
-        if mode != "cls":
-            ax.axis("off")
+        if mode == "zoom":
+            colour = POOLING_COLORS["roi_local"]
+            half = max(4, (r1 - r0), (c1 - c0)) * s * 1.5
+            cx, cy = (bx1 + bx2) / 2, (by1 + by2) / 2
+            grid_lines(ax, 0.6)
+            ax.add_patch(plt.Rectangle((c0 * s - 0.5, r0 * s - 0.5), (c1 - c0) * s, (r1 - r0) * s, color=colour,
+                                       alpha=0.45))
+            _draw_box(ax, (bx1, by1, bx2, by2), lw=1.5)
+            ax.set_xlim(cx - half, cx + half)
+            ax.set_ylim(cy + half, cy - half)
+            ax.set_title(text, fontsize=8.5)
+            for side in ax.spines.values():
+                side.set_visible(True)
+                side.set_color("0.3")
+            continue
+        grid_lines(ax, 0.25)
+        colour = POOLING_COLORS[mode]
+        if mode == "patch_mean":
+            ax.add_patch(plt.Rectangle((-0.5, -0.5), gw * s, gh * s, color=colour, alpha=0.3))
+        elif mode == "roi_local":
+            ax.add_patch(plt.Rectangle((c0 * s - 0.5, r0 * s - 0.5), (c1 - c0) * s, (r1 - r0) * s, color=colour,
+                                       alpha=0.6))
+            _draw_box(ax, (bx1, by1, bx2, by2))
+        for side in ax.spines.values():
+            side.set_visible(mode == "cls")  # the whole input -> one vector: frame it
+            side.set_color(colour)
+            side.set_linewidth(4)
+        ax.set_title(f"{mode}\n{text}", fontsize=8.5, color=colour)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=9.5)
     fig.tight_layout()
     return fig
 
 
+def before_after_figure(before: np.ndarray, after: np.ndarray, box, *, title: str = "", context: bool = True,
+                        margin: int | None = None):
+    """A perturbation shown as before / after / difference, cropped around its box.
+
+    ``before`` and ``after`` are the same 2-D image in [0, 1] without and with the
+    perturbation; ``box`` is ``(x1, y1, x2, y2)`` in their pixels. The crop reaches
+    ``margin`` px beyond the box (default: 1.5 box sides, at least 48 px), so "small"
+    is seen at full resolution; with ``context`` a first panel shows where the crop lies.
+    The difference is after - before on a symmetric diverging scale with its colour bar.
+    """
+    set_style()
+    before, after = np.asarray(before, np.float32), np.asarray(after, np.float32)
+    if before.shape != after.shape or before.ndim != 2:
+        raise ValueError(f"before {before.shape} and after {after.shape} must be the same 2-D image")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    h, w = before.shape
+    half = margin if margin is not None else max(48, int(1.5 * max(x2 - x1, y2 - y1)))
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    r0, r1 = int(max(0, cy - (y2 - y1) / 2 - half)), int(min(h, cy + (y2 - y1) / 2 + half))
+    c0, c1 = int(max(0, cx - (x2 - x1) / 2 - half)), int(min(w, cx + (x2 - x1) / 2 + half))
+    crop_box = (x1 - c0, y1 - r0, x2 - c0, y2 - r0)
+    diff = (after - before)[r0:r1, c0:c1]
+    lim = float(np.abs(diff).max()) or 1e-6
+    n = 4 if context else 3
+    fig, axes = plt.subplots(1, n, figsize=(PAGE_WIDTH_IN, PAGE_WIDTH_IN / n + 0.6))
+    k = 0
+    if context:
+        ax = axes[0]
+        ax.imshow(after, cmap="gray", vmin=0, vmax=1)
+        _draw_box(ax, (c0, r0, c1, r1), colour="#FFD400", lw=1.0)
+        ax.set_title(f"whole image\n({w}×{h} px)", fontsize=8.5)
+        k = 1
+    for ax, img, name in ((axes[k], before[r0:r1, c0:c1], "before"), (axes[k + 1], after[r0:r1, c0:c1], "after")):
+        ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        _draw_box(ax, crop_box, lw=1.0, ls="--")
+        ax.set_title(f"{name}\n({c1 - c0}×{r1 - r0} px crop)", fontsize=8.5)
+    ax = axes[k + 2]
+    im = ax.imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    _draw_box(ax, crop_box, colour="black", lw=1.0, ls="--")
+    ax.set_title("after − before", fontsize=8.5)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cb.ax.tick_params(labelsize=7)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9.5)
+    fig.tight_layout()
+    return fig
+
+
+# -- summaries across notebooks ------------------------------------------------------------
 SUMMARY_FILE = "summary.csv"
 SUMMARY_COLUMNS = ("analysis", "encoder", "pooling", "auc", "ci_low", "ci_high", "what", "produced_with")
 

@@ -1,7 +1,10 @@
-"""The book's figure and table helpers: keys, files, labels, one build at a time."""
+"""The book's figure and table helpers: keys, files, labels, one build at a time, one house style."""
 
 import json
+from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,11 +20,11 @@ def test_keys_must_be_namespaced():
             report.check_key(bad)
 
 
-def test_publish_writes_files_and_leaves_no_temp(tmp_path):
+def test_publish_writes_files_returns_none_and_leaves_no_temp(tmp_path):
     df = pd.DataFrame({"pooling": ["cls", "patch_mean", "roi_local"], "auc": [0.5, 0.55, 0.9],
                        "ci_low": [0.4, 0.45, 0.8], "ci_high": [0.6, 0.65, 0.97], "encoder": "rad-dino"})
-    report.publish_table(df, "tab-x-auc", tmp_path)
-    report.publish_figure(report.auc_by_pooling_figure(df, x="encoder"), "fig-x-auc", tmp_path)
+    assert report.publish_table(df, "tab-x-auc", tmp_path) is None
+    assert report.publish_figure(report.auc_by_pooling_figure(df, x="encoder"), "fig-x-auc", tmp_path) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig-x-auc.png", "tab-x-auc.csv"]
     assert pd.read_csv(tmp_path / "tab-x-auc.csv").equals(df)
 
@@ -55,3 +58,228 @@ def test_summaries_from_two_builds_are_refused(tmp_path, monkeypatch):
         report.collect_summaries(tmp_path)
     with pytest.raises(ValueError, match="lack column"):
         report.write_summary(row.drop(columns=["what"]), tmp_path / "a")
+
+
+# -- tables for reading --------------------------------------------------------------------
+def test_tables_read_like_a_paper():
+    df = pd.DataFrame({"encoder": ["rad-dino", "biomedclip"], "auc": [0.774123, 0.5], "excluded": [2.0, 0.0],
+                       "footprint_px": [12.0, 24.0], "p_value": [0.0067, 3e-9], "log10_p": [-2.17, -8.5],
+                       "se": [2e-6, 0.0123], "seconds": [86.580480, 1.011719], "area_px": [12345.6, 7.0],
+                       "where": [Path("/data/x.png"), None], "cells": [["a", "b"], [1, 2]]})
+    out = report.format_for_reading(df)
+    assert list(out.columns) == list(df.columns)  # no index column
+    r0, r1 = out.iloc[0], out.iloc[1]
+    assert (r0["auc"], r1["auc"]) == ("0.774", "0.500")
+    assert (r0["excluded"], r1["excluded"]) == ("2", "0")  # counts are integers, not "2.0"
+    assert r0["footprint_px"] == "12"
+    assert (r0["p_value"], r1["p_value"]) == ("0.007", "<0.001")
+    assert r0["log10_p"] == "-2.170"  # not a p-value column
+    assert r0["se"] == "2.0e-06" and r1["se"] == "0.012"  # never "0.000" for a non-zero value
+    assert (r0["seconds"], r1["seconds"]) == ("86.580", "1.012")
+    assert r0["area_px"] == "12,346"
+    assert r0["where"] == "/data/x.png" and r1["where"] == "–"
+    assert (r0["cells"], r1["cells"]) == ("a, b", "1, 2")
+    text = " ".join(out.to_numpy().ravel())
+    assert "PosixPath" not in text and "[" not in text and "nan" not in text
+
+
+def test_a_pivots_row_labels_become_columns_and_headers_flatten():
+    tidy = pd.DataFrame({"encoder": ["a", "a", "b", "b"], "pooling": ["cls", "roi_local"] * 2, "auc": [0.5, 0.9, 0.6, 0.8]})
+    wide = tidy.pivot_table(index="encoder", columns="pooling", values="auc")
+    out = report.format_for_reading(wide)
+    assert list(out.columns) == ["encoder", "cls", "roi_local"]
+    assert out.iloc[1].tolist() == ["b", "0.600", "0.800"]
+    multi = tidy.pivot_table(index="encoder", columns="pooling", values=["auc"])
+    assert list(report.format_for_reading(multi).columns) == ["encoder", "auc / cls", "auc / roi_local"]
+
+
+def test_a_page_shows_eight_columns_and_notes_what_it_left_in_the_csv():
+    df = pd.DataFrame({f"c{i}": [0.1 * i] * 50 for i in range(12)}).assign(produced_with="synthetic cohort")
+    shown, notes = report.table_for_page(df, max_columns=8, max_rows=40)
+    assert shown.shape == (40, 8)
+    assert "produced_with" not in shown.columns
+    assert notes == ["Produced with: synthetic cohort.", "Showing 8 of 12 columns;", "Showing the first 40 of 50 rows;"]
+
+
+def test_publish_table_glues_a_numbered_table_with_its_csv_a_click_away(tmp_path, monkeypatch):
+    glued = {}
+    monkeypatch.setattr(report, "glue", lambda key, value, display=False: glued.__setitem__(key, value))
+    monkeypatch.setenv("CXRCORE_PAGE_DIR", str(tmp_path))
+    full = pd.DataFrame({"encoder": ["rad-dino"], "auc": [0.77412], "ci_low": [0.713], "ci_high": [0.8371],
+                         "n_pos": [40], "produced_with": ["synthetic cohort, random-weight stand-in encoders"]})
+    shown = full.assign(**{"AUC [95% CI]": report.with_ci(full)})[["encoder", "AUC [95% CI]", "produced_with"]]
+    report.publish_table(shown, "tab-x-auc", tmp_path / "figures" / "x", full=full)
+    assert pd.read_csv(tmp_path / "figures" / "x" / "tab-x-auc.csv").columns.tolist() == full.columns.tolist()
+    md = glued["tab-x-auc"]._repr_markdown_()
+    lines = md.splitlines()
+    assert lines[0] == "| encoder | AUC \\[95% CI\\] |"
+    assert lines[2] == "| rad-dino | 0.774 \\[0.713, 0.837\\] |"
+    assert "(path:figures/x/tab-x-auc.csv)" in md and "1 rows × 6 columns" in md
+    assert "Produced with: synthetic cohort, random-weight stand-in encoders." in md
+    assert "0.774 [0.713, 0.837]" in glued["tab-x-auc"]._repr_html_()
+    assert "rows" in repr(glued["tab-x-auc"]) and "0.774" not in repr(glued["tab-x-auc"])
+
+
+def test_markdown_cells_cannot_break_the_table():
+    df = pd.DataFrame({"what": ["a | b", "x_y *z* $1$ `c` [l](u)"]})
+    shown, notes = report.table_for_page(df)
+    md = report.GluedTable(shown, notes, "t.csv", 2, 1)._repr_markdown_()
+    body = md.splitlines()[2:4]
+    assert all(line.count("|") - line.count("\\|") == 2 for line in body)
+    assert "\\$1\\$" in body[1] and "\\`c\\`" in body[1]
+
+
+def test_numbers_for_prose(monkeypatch):
+    glued = {}
+    monkeypatch.setattr(report, "glue", lambda key, value, display=False: glued.__setitem__(key, value))
+    assert report.glue_text("num-x-auc", 0.77412, "{:.3f}") is None
+    report.glue_text("num-x-share", 0.0088, "{:.1%}")
+    report.glue_text("num-x-verdict", "Only roi_local.")
+    assert glued == {"num-x-auc": "0.774", "num-x-share": "0.9%", "num-x-verdict": "Only roi_local."}
+    with pytest.raises(ValueError, match="num-"):
+        report.glue_text("fig-x-auc", 0.5)
+    assert report.format_p(0.15) == "0.150" and report.format_p(0.0067, prefix=True) == "p = 0.007"
+    assert report.format_p(1e-12, prefix=True) == "p < 0.001" and report.format_p(float("nan")) == "–"
+    assert report.format_ci(0.77412, 0.713, 0.8371) == "0.774 [0.713, 0.837]"
+
+
+# -- one colour per pooling mode, one encoder order ----------------------------------------
+def test_every_pooling_mode_has_its_own_colour_and_marker():
+    from cxrcore.pooling import POOLING_MODES
+
+    modes = set(report.POOLING_ORDER)
+    assert {"cls", "patch_mean", "roi_local", "gem", "patch_max", "topk_mean", "mil"} <= modes
+    assert set(POOLING_MODES) <= modes
+    assert set(report.POOLING_COLORS) == modes == set(report.POOLING_MARKERS)
+    assert len(set(report.POOLING_COLORS.values())) == len(modes)
+    assert len(set(report.POOLING_MARKERS.values())) == len(modes)
+    assert report.POOLING_PALETTE is report.POOLING_COLORS
+    with pytest.raises(ValueError, match="POOLING_COLORS"):
+        report.pooling_color("no-such-mode")
+
+
+def test_encoder_order_covers_the_registry():
+    from cxrcore.encoders import list_encoders
+
+    assert set(list_encoders()) <= set(report.ENCODER_ORDER)
+    assert report.order_encoders(["timm:x", "dino-resnet50", "rad-dino"]) == ["rad-dino", "dino-resnet50", "timm:x"]
+
+
+def _auc_table(encoders, modes=("roi_local", "cls", "patch_mean")):
+    rows = []
+    for i, e in enumerate(encoders):
+        for j, m in enumerate(modes):
+            a = [0.208, 0.5, 0.95][j]
+            rows.append({"encoder": e, "pooling": m, "auc": a, "ci_low": a - 0.05, "ci_high": min(1.0, a + 0.05),
+                         "cell": "c"})
+    return pd.DataFrame(rows)
+
+
+def test_auc_figure_runs_zero_to_one_in_one_order_with_the_legend_off_the_data():
+    table = _auc_table(["dino-resnet50", "biomedclip", "rad-dino"])
+    fig = report.auc_by_pooling_figure(table, x="encoder")
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo <= 0 and hi >= 1  # a 0.208 cannot fall off the plot
+    assert any(np.allclose(line.get_ydata(), 0.5) for line in ax.lines)  # chance line
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["rad-dino", "biomedclip", "dino-resnet50"]
+    colours = {matplotlib.colors.to_hex(line.get_color()).upper() for line in ax.lines}
+    assert {report.POOLING_COLORS[m].upper() for m in ("cls", "patch_mean", "roi_local")} <= colours
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    for a in fig.axes:
+        assert not legend.overlaps(a.get_window_extent()), "the legend covers a panel"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["cls", "patch_mean", "roi_local"]
+    assert fig.get_figwidth() <= report.PAGE_WIDTH_IN + 1e-9
+    plt.close(fig)
+
+
+def test_panels_follow_the_encoder_order():
+    table = _auc_table(["medsiglip-448", "rad-dino", "dinov2-b14", "dino-resnet50"])
+    fig = report.auc_by_pooling_figure(table, x="pooling", col="encoder")
+    titles = [a.get_title() for a in fig.axes if a.get_title()]
+    assert titles == ["rad-dino", "dinov2-b14", "medsiglip-448", "dino-resnet50"]
+    plt.close(fig)
+
+
+def _sweep(encoders=("dino-resnet50", "rad-dino"), modes=("cls", "patch_mean", "roi_local", "gem")):
+    rows = []
+    for e in encoders:
+        for m in modes:
+            for d in (12, 24, 48, 96, 192):
+                a = min(1.0, 0.5 + (0.4 if m == "roi_local" else 0.1) * np.log2(d / 12) / 4)
+                rows.append({"encoder": e, "pooling": m, "footprint_px": float(d), "auc": a, "ci_low": a - 0.05,
+                             "ci_high": min(1.0, a + 0.05)})
+    return pd.DataFrame(rows)
+
+
+def test_dilution_figure_one_panel_per_encoder_one_line_per_mode_px_and_patches():
+    table = _sweep()
+    fig = report.dilution_figure(table, patches_per_px={"rad-dino": 518 / 1024 / 14, "dino-resnet50": 224 / 1024 / 32})
+    panels = [a for a in fig.axes if a.get_title()]
+    assert [a.get_title() for a in panels] == ["rad-dino", "dino-resnet50"]
+    for ax in panels:
+        assert ax.get_xscale() == "log"
+        lo, hi = ax.get_ylim()
+        assert lo <= 0 and hi >= 1
+        lines = [line for line in ax.lines if len(line.get_xdata()) == 5]
+        assert sorted(matplotlib.colors.to_hex(line.get_color()).upper() for line in lines) == sorted(
+            report.POOLING_COLORS[m].upper() for m in ("cls", "patch_mean", "roi_local", "gem"))
+        assert len(ax.collections) == 4  # one CI band per mode
+        assert [c for c in ax.get_children() if type(c).__name__ == "SecondaryAxis"], "no axis in patches"
+    fig.canvas.draw()
+    top = [c for c in panels[0].get_children() if type(c).__name__ == "SecondaryAxis"][0]
+    assert top.get_xticklabels()[0].get_text() == f"{12 * 518 / 1024 / 14:.2g}"
+    plt.close(fig)
+    with pytest.raises(ValueError, match="one sweep"):
+        report.dilution_figure(pd.concat([table, table.head(1)]))
+    with pytest.raises(ValueError, match="footprint_px"):
+        report.dilution_figure(table.drop(columns="footprint_px"))
+
+
+def test_patches_per_px_follows_the_encoders_geometry():
+    import cxrcore
+
+    enc = cxrcore.load_encoder("rad-dino", stand_in=True)
+    g = enc.geometry_for((1024, 1024))
+    assert report.patches_per_px(enc, (1024, 1024)) == pytest.approx(g.scale_x / g.stride)
+    assert report.patches_per_px(enc, (1024, 1024)) * 1024 == pytest.approx(enc.grid_shape[1])
+
+
+def test_before_after_figure_shows_the_difference_of_the_crop():
+    rng = np.random.default_rng(0)
+    before = rng.random((300, 400)).astype(np.float32)
+    after = before.copy()
+    after[100:120, 200:220] += 0.3
+    fig = report.before_after_figure(before, after, (200, 100, 220, 120))
+    titles = [a.get_title().split("\n")[0] for a in fig.axes]
+    assert titles[:4] == ["whole image", "before", "after", "after − before"]
+    diff = fig.axes[3].images[0].get_array()
+    assert diff.max() == pytest.approx(0.3, abs=1e-6) and diff.min() == pytest.approx(0.0, abs=1e-6)
+    lo, hi = fig.axes[3].images[0].get_clim()
+    assert lo == -hi  # symmetric: an opacity and a lucency read the same way
+    plt.close(fig)
+    with pytest.raises(ValueError, match="same 2-D image"):
+        report.before_after_figure(before, after[:10], (0, 0, 5, 5))
+
+
+def test_patch_grid_figure_counts_the_tokens_under_the_box():
+    import cxrcore
+
+    enc = cxrcore.load_encoder("rad-dino", stand_in=True)
+    image = np.zeros((512, 768), np.float32)
+    g = enc.geometry_for(image.shape)
+    box = (400, 200, 440, 240)
+    r0, r1, c0, c1 = g.cells(box)
+    fig = report.patch_grid_figure(image, g, box)
+    text = " ".join(a.get_title() for a in fig.axes)
+    assert f"{(r1 - r0) * (c1 - c0)} tokens" in text and f"{g.grid[0] * g.grid[1]:,} tokens" in text
+    assert fig.get_figwidth() <= report.PAGE_WIDTH_IN + 1e-9
+    plt.close(fig)
+
+
+def test_an_empty_table_still_renders_and_says_none():
+    empty = pd.DataFrame({"reason": pd.Series([], dtype=str), "count": pd.Series([], dtype=int)})
+    shown, notes = report.table_for_page(empty)
+    md = report.GluedTable(shown, notes, "t.csv", 0, 2)._repr_markdown_()
+    assert md.splitlines()[:3] == ["| reason | count |", "|:---|:---|", "| none |  |"]
