@@ -73,9 +73,9 @@ _LN10 = math.log(10.0)
 
 # A patient-cluster bootstrap needs this many patients with a positive row and with a
 # negative row (below it, raise), and warns below FEW_GROUPS. In seeded simulations
-# (benchmarks/sim_stats.py) the 95% percentile interval of one AUC covered 0.88 of the
-# time with 5 positive patients and 0.93 with 10 to 40, and a paired difference's
-# interval excluded a true 0 in 12% of samples with ~9 positive patients and 7% with ~17.
+# (benchmarks/sim_stats.py) the 95% percentile interval of one AUC covered 0.84 of the
+# time with 5 positive patients, 0.88-0.90 with 10 to 20 and 0.94 with 40, and a paired
+# difference's interval excluded a true 0 in 9-12% of samples with ~9 positive patients.
 MIN_GROUPS = 5
 FEW_GROUPS = 20
 
@@ -408,7 +408,7 @@ def _satterthwaite(s10: float, s01: float, cl: _Clusters) -> float:
     The within-patient cross term is left out of the df. With few patients on one side
     the df falls towards I10 - 1 (or I01 - 1) and the t reference widens the interval: in
     seeded simulations with ~9 positive patients the test then rejected 5.0% of true
-    nulls at alpha 0.05, against 7.6% with a normal reference (benchmarks/sim_stats.py).
+    nulls at alpha 0.05, against 7.9% with a normal reference (benchmarks/sim_stats.py).
     """
     num = (s10 + s01) ** 2
     den = s10**2 / (cl.n_pos - 1.0) + s01**2 / (cl.n_neg - 1.0)
@@ -441,16 +441,16 @@ def delong(y_true, score, method: str = "wald", level: float = 0.95, *, groups=N
     s = _as_score(score, y.shape[0])
     m, n = _check_classes(y, need=2, what="a DeLong variance")
     a, v10, v01 = _placements(y, s)
-    cl = _clusters(groups, y)
-    n_groups = None if groups is None else cl.n
-    if groups is None:
+    cl = None if groups is None else _clusters(groups, y)
+    n_groups = None if cl is None else cl.n
+    if cl is None:
         var, df = _variance(v10, v01), math.inf
     else:
         s10, s01, s11 = _obuchowski(cl, m, n, _cluster_sums(cl, y, a, v10, v01))
         var, df = max(s10 + s01 + s11, 0.0), _satterthwaite(s10, s01, cl)
     common = dict(auc=a, variance=var, n_pos=m, n_neg=n, level=level, null=null, n_groups=n_groups)
     if var <= 0.0:
-        k = cl.disjoint_pairs
+        k = min(m, n) if cl is None else cl.disjoint_pairs
         ci, log_p = _exact_pairs(a, k, level, null)
         return AUCResult(ci=ci, method="exact_pairs", df=math.inf, z=math.nan, p_value=math.exp(log_p),
                          log10_p=log_p / _LN10, note=f"DeLong variance 0 (AUC {a:g}): exact Clopper-Pearson "
@@ -525,8 +525,8 @@ def delong_paired(y_true, score_a, score_b, *, groups=None, level: float = 0.95,
     split = (np.flatnonzero(y), np.flatnonzero(~y))
     auc_a, v10a, v01a = _placements(y, sa, split)
     auc_b, v10b, v01b = _placements(y, sb, split)
-    cl = _clusters(groups, y)
-    if groups is None:
+    cl = None if groups is None else _clusters(groups, y)
+    if cl is None:
         cov = _scatter2(v10a, v10b) / (m * (m - 1.0)) + _scatter2(v01a, v01b) / (n * (n - 1.0))
         # Variance of the difference from the differenced placements, not from the 2x2
         # matrix: identical predictors then give exactly 0 rather than rounding noise.
@@ -552,7 +552,8 @@ def delong_paired(y_true, score_a, score_b, *, groups=None, level: float = 0.95,
         z, log_p = 0.0, 0.0
         note = "the two scores order every positive-negative pair alike: difference 0, variance 0, no interval"
     else:
-        log_p, how = _paired_swap_log_p(y, sa, sb, cl.codes, delta, n_permutations, seed)
+        units = np.arange(y.shape[0]) if cl is None else cl.codes
+        log_p, how = _paired_swap_log_p(y, sa, sb, units, delta, n_permutations, seed)
         z, df, method = math.nan, math.inf, "paired_swap"
         note = f"variance of the difference 0: paired-swap permutation p ({how}), no interval"
     return PairedDeLongResult(
@@ -568,7 +569,7 @@ def delong_paired(y_true, score_a, score_b, *, groups=None, level: float = 0.95,
         level=level,
         df=df,
         method=method,
-        n_groups=None if groups is None else cl.n,
+        n_groups=None if cl is None else cl.n,
         note=note,
     )
 
@@ -747,17 +748,17 @@ _CHUNK = 64  # replicates per seed; results do not depend on the number of threa
 def _check_cluster_counts(cl: _Clusters, min_groups: int, what: str) -> None:
     """Raise below ``min_groups`` patients per class, warn below FEW_GROUPS."""
     few = min(cl.n_pos, cl.n_neg)
-    counts = f"{cl.n_pos} patients with a positive row and {cl.n_neg} with a negative row"
+    counts = f"{cl.n_pos} clusters (groups) with a positive row and {cl.n_neg} with a negative row"
     if few < min_groups:
         raise NotEstimable(
-            f"{counts}; {what} needs at least {min_groups} of each (it resamples patients, and with fewer "
+            f"{counts}; {what} needs at least {min_groups} of each (it resamples whole groups, and with fewer "
             "the replicates take only a handful of values). Pool strata, or use delong(..., groups=...) "
             "(Obuchowski's clustered variance with a t reference), whose size holds with few patients."
         )
     if few < FEW_GROUPS:
         warnings.warn(
             f"{counts} (fewer than {FEW_GROUPS}): {what}'s percentile interval runs too narrow with this few "
-            "patients (95% intervals covered about 0.88-0.93 in simulation); prefer delong(..., groups=...).",
+            "clusters (95% intervals covered 0.84-0.90 in simulation with 5-20); prefer delong(..., groups=...).",
             FewClustersWarning,
             stacklevel=3,
         )
@@ -804,7 +805,7 @@ def bootstrap_auc(
         scores.append(_as_score(score_b, y.shape[0], "score_b"))
     m, n = _check_classes(y, need=2, what="a bootstrap CI")
 
-    cl = _clusters(groups, y)
+    cl = _clusters(groups, y)  # groups=None: every row its own cluster (for the exact interval's pairs)
     cl_pos = cl_neg = None
     n_groups = None
     if groups is not None:
@@ -1136,7 +1137,7 @@ def auc_table(
                                 warnings.warn(w.message, w.category, stacklevel=2)
                         n_few += bool(few)
                         lo, hi, nb, how = r.ci_low, r.ci_high, r.n_boot, r.method
-                        note = "; ".join([r.note] * bool(r.note) + [f"few patients: {r.n_groups} in all"] * bool(few))
+                        note = "; ".join(([r.note] if r.note else []) + [str(w.message).split(":")[0] for w in few[:1]])
                     a, m, n = r.auc, r.n_pos, r.n_neg
                 except NotEstimable as err:
                     yb = _labels(y, label_col)
@@ -1150,7 +1151,7 @@ def auc_table(
                          "n_pos": m, "n_neg": n, "method": how, "n_boot": nb, "note": note})
     if n_few:
         warnings.warn(f"{n_few} rows of this AUC table come from a patient-cluster bootstrap with fewer than "
-                      f"{FEW_GROUPS} patients in a class, where percentile intervals run narrow; see the note "
+                      f"{FEW_GROUPS} clusters in a class, where percentile intervals run narrow; see the note "
                       "column, or use method='delong'.", FewClustersWarning, stacklevel=2)
     return pd.DataFrame(rows, columns=by + [score_name, "auc", "ci_low", "ci_high", "n_pos", "n_neg", "method",
                                             "n_boot", "note"])
@@ -1192,7 +1193,7 @@ def compare_table(
     without ``group_col``; "delong_clustered", the same test with Obuchowski's (1997)
     clustered covariance and a t reference with Satterthwaite df (``df``), where a patient
     has several rows (in seeded simulations with ~9 positive patients it rejected 5.0% of
-    true nulls at 0.05; the patient-cluster bootstrap z-test it replaces rejected 9.9%);
+    true nulls at 0.05; the patient-cluster bootstrap z-test it replaces rejected 8-10%);
     "paired_swap", the exact (or ``n_permutations`` Monte Carlo, seeded per stratum)
     paired-swap permutation p where the variance of the difference is 0, with no CI. A
     stratum that cannot be tested (every positive in one patient) keeps its AUCs with NaN

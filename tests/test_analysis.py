@@ -172,7 +172,7 @@ def test_box_level_keeps_a_class_with_too_few_images_and_says_why():
     emb = {"enc_a": rng.normal(size=(8, 4)) + np.tile([[1.0], [0.0]], (4, 1))}
     new = analysis.box_level(roi, emb, ["Nodule"], n_splits=3, seed=0, n_boot=40)
     row = new.table.iloc[0]
-    assert np.isnan(row.ci_low) and "bootstrap CI not estimable: 4 patients" in row.note
+    assert np.isnan(row.ci_low) and "bootstrap CI not estimable: 4 clusters" in row.note
     assert row.auc == pytest.approx(auc((roi.kind == "lesion").astype(int), new.scores["enc_a", "Nodule"]))
     assert np.isfinite(row.delong_low) and np.isfinite(row.p_value)
 
