@@ -415,14 +415,22 @@ def _satterthwaite(s10: float, s01: float, cl: _Clusters) -> float:
     return num / den if den > 0 else math.inf
 
 
-def delong(y_true, score, method: str = "wald", level: float = 0.95, *, groups=None, null: float = 0.5) -> AUCResult:
+def _check_reference(reference: str) -> None:
+    if reference not in ("t", "normal"):
+        raise ValueError(f"reference must be 't' (Satterthwaite df) or 'normal' (as iMRMC's doAUCcluster); got {reference!r}")
+
+
+def delong(y_true, score, method: str = "wald", level: float = 0.95, *, groups=None, null: float = 0.5,
+           reference: str = "t") -> AUCResult:
     """AUC with DeLong variance, a ``level`` CI and a test of AUC = ``null``.
 
     method: "wald" (AUC +/- q*SE, clipped to [0, 1], as pROC's ci.auc) or "logit"
-    (Wald on logit(AUC) by the delta method, back-transformed; inside (0, 1)).
+    (Wald on logit(AUC) by the delta method, back-transformed; inside (0, 1) wherever the
+    variance is positive).
     groups: one patient id per row; the variance is then Obuchowski's clustered DeLong
-    variance and the reference a t distribution with Satterthwaite df (several images of
-    one patient are not independent draws). It raises :class:`NotEstimable` when all
+    variance (several images of one patient are not independent draws) and, with
+    ``reference="t"``, the reference a t distribution with Satterthwaite df (see
+    :func:`_satterthwaite`); ``reference="normal"`` reproduces iMRMC's doAUCcluster. It raises :class:`NotEstimable` when all
     positive (or all negative) rows are in one patient: the variance is then undefined.
     Where the variance is 0 (AUC 0 or 1, or every pair tied) no Wald interval exists;
     the interval and p are then the exact Clopper-Pearson ones on the largest set of
@@ -437,6 +445,7 @@ def delong(y_true, score, method: str = "wald", level: float = 0.95, *, groups=N
         raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level!r}")
     if not 0.0 < null < 1.0:
         raise ValueError(f"null must be an AUC in (0, 1), e.g. 0.5 for chance; got {null!r}")
+    _check_reference(reference)
     y = _labels(y_true)
     s = _as_score(score, y.shape[0])
     m, n = _check_classes(y, need=2, what="a DeLong variance")
@@ -447,7 +456,7 @@ def delong(y_true, score, method: str = "wald", level: float = 0.95, *, groups=N
         var, df = _variance(v10, v01), math.inf
     else:
         s10, s01, s11 = _obuchowski(cl, m, n, _cluster_sums(cl, y, a, v10, v01))
-        var, df = max(s10 + s01 + s11, 0.0), _satterthwaite(s10, s01, cl)
+        var, df = max(s10 + s01 + s11, 0.0), _satterthwaite(s10, s01, cl) if reference == "t" else math.inf
     common = dict(auc=a, variance=var, n_pos=m, n_neg=n, level=level, null=null, n_groups=n_groups)
     if var <= 0.0:
         k = min(m, n) if cl is None else cl.disjoint_pairs
@@ -499,14 +508,15 @@ def _paired_swap_log_p(y, sa, sb, units: np.ndarray, delta: float, n_permutation
 
 
 def delong_paired(y_true, score_a, score_b, *, groups=None, level: float = 0.95, n_permutations: int = 2000,
-                  seed: int | np.random.SeedSequence = 0) -> PairedDeLongResult:
+                  seed: int | np.random.SeedSequence = 0, reference: str = "t") -> PairedDeLongResult:
     """DeLong's paired test that two scores on the same rows have equal AUC, with the CI of the difference.
 
     Without groups: the z statistic uses the (m-1, n-1) covariance convention of R pROC's
     roc.test(method="delong") and a normal reference. With groups (one patient id per
     row): Obuchowski's (1997) clustered covariance and a t reference with Satterthwaite df
     (see :func:`_satterthwaite`); this is the test the tables use wherever a patient has
-    several rows. The CI of ``auc_a - auc_b`` is delta +/- q * SE from the same reference,
+    several rows. ``reference="normal"`` refers the clustered z to the normal instead, as
+    iMRMC's doAUCcluster does (its size runs high with few patients). The CI of ``auc_a - auc_b`` is delta +/- q * SE from the same reference,
     so p < 1 - level exactly when the CI excludes 0. p comes from the log survival
     function, so z = 40 still has a finite ``log10_p`` (print it with :func:`format_p`).
     Where the variance of the difference is 0 no Wald test exists: a zero difference gives
@@ -518,6 +528,7 @@ def delong_paired(y_true, score_a, score_b, *, groups=None, level: float = 0.95,
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level!r}")
+    _check_reference(reference)
     y = _labels(y_true)
     sa = _as_score(score_a, y.shape[0], "score_a")
     sb = _as_score(score_b, y.shape[0], "score_b")
@@ -539,7 +550,8 @@ def delong_paired(y_true, score_a, score_b, *, groups=None, level: float = 0.95,
         cov = np.array([[sum(_obuchowski(cl, m, n, sums_a)), c_ab], [c_ab, sum(_obuchowski(cl, m, n, sums_b))]])
         diff = (sums_a[0] - sums_b[0], sums_a[1] - sums_b[1])
         s10, s01, s11 = _obuchowski(cl, m, n, diff)
-        var_d, df, method = max(s10 + s01 + s11, 0.0), _satterthwaite(s10, s01, cl), "delong_clustered"
+        df = _satterthwaite(s10, s01, cl) if reference == "t" else math.inf
+        var_d, method = max(s10 + s01 + s11, 0.0), "delong_clustered"
     delta = auc_a - auc_b
     ci, note = (math.nan, math.nan), ""
     if var_d > 0.0:

@@ -924,6 +924,14 @@ def test_clustered_delong_matches_imrmc_doAUCcluster_on_a_worked_example():
     assert 2 * norm.sf(abs(two.z)) == pytest.approx(ref["p_normal"], rel=1e-9)
     assert two.p_value == pytest.approx(2 * t_dist.sf(abs(two.z), two.df), rel=1e-12)
     assert 4 <= two.df <= 5 + 6 - 2
+    # with the normal reference, every number of doAUCcluster
+    same = stats.delong_paired(w["y"], w["p1"], w["p2"], groups=w["cluster"], reference="normal")
+    assert same.p_value == pytest.approx(ref["p_normal"], rel=1e-9) and math.isinf(same.df)
+    one_n = stats.delong(w["y"], w["p1"], groups=w["cluster"], reference="normal")
+    half = norm.ppf(0.975) * ref["var_1"] ** 0.5
+    # (doAUCcluster does not clip at 1; we clip as pROC does)
+    assert one_n.ci == pytest.approx((ref["auc_1"] - half, min(1.0, ref["auc_1"] + half)), rel=1e-12)
+    assert one.ci[1] - one.ci[0] > one_n.ci[1] - one_n.ci[0]  # the t reference is wider
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
