@@ -36,22 +36,37 @@ def _blas_threads(n: int | None):
 
 
 def _labels01(y, name: str = "y") -> np.ndarray:
+    """``y`` as int64 0/1, refusing anything else; the one label check of probes and stats."""
     y = np.asarray(y)
     if y.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one label per row); got shape {y.shape}")
     if y.dtype == bool:
         return y.astype(np.int64)
-    if y.dtype.kind not in "iuf" or (y.dtype.kind == "f" and np.isnan(y).any()) or not np.isin(y, (0, 1)).all():
-        raise ValueError(f"{name} must hold 0/1 (or bool) labels with no NaN; map the label column to 0/1 first.")
+    if y.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must hold 0/1 or bool labels; got dtype {y.dtype}. "
+                         "Map the label column to 0/1 (1 = positive) first.")
+    if y.dtype.kind == "f" and np.isnan(y).any():
+        raise ValueError(f"{name} has {int(np.isnan(y).sum())} NaN labels (first at row "
+                         f"{int(np.flatnonzero(np.isnan(y))[0])}); drop unlabelled rows first.")
+    bad = (y != 0) & (y != 1)
+    if bad.any():
+        raise ValueError(f"{name} must hold only 0/1 labels; found {np.unique(y[bad])[:5].tolist()} "
+                         f"(first at row {int(np.flatnonzero(bad)[0])}). Map it to 0/1 (1 = positive) first.")
     return y.astype(np.int64)
 
 
-def _group_codes(groups, n: int) -> np.ndarray:
+def _group_codes(groups, n: int, what: str = "y") -> np.ndarray:
+    """Patient id per row -> integer code 0..G-1 (None: every row its own group); the one group coder."""
     if groups is None:
         return np.arange(n)
+    import pandas as pd  # only for its missing-value test, which covers None, NaN and NaT in object arrays
+
     g = np.asarray(groups)
-    if g.shape[0] != n:
-        raise ValueError(f"groups has {g.shape[0]} rows but y has {n}; pass one patient id per row.")
+    if g.ndim != 1 or g.shape[0] != n:
+        raise ValueError(f"groups has {g.shape[0] if g.ndim else 1} rows but {what} has {n}; pass one patient id per row.")
+    if pd.isna(g).any():
+        raise ValueError(f"groups has {int(pd.isna(g).sum())} missing patient ids (first at row "
+                         f"{int(np.flatnonzero(pd.isna(g))[0])}); fill them (e.g. with the image id) first.")
     return np.unique(g, return_inverse=True)[1].reshape(-1)
 
 

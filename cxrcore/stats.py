@@ -7,18 +7,34 @@ below 0.5, because flipping would lift every chance-floor estimate above 0.5.
 
 All AUC machinery rests on DeLong placement values: for positive i, V10_i is the share
 of negatives it outscores (ties count one half); for negative j, V01_j is the share of
-positives that outscore it. AUC = mean(V10) = mean(V01).
+positives that outscore it. AUC = mean(V10) = mean(V01). Every pair comparison in this
+module goes through one counter, :func:`_below_counts`.
+
+Which procedure gives which number:
+
+- one AUC: DeLong's variance with a normal reference (pROC), or with ``groups``
+  Obuchowski's clustered variance with a t reference (Satterthwaite df); where the
+  variance is 0 (AUC 0 or 1, or every pair tied) an exact Clopper-Pearson interval on
+  disjoint pairs; or a (patient-cluster) bootstrap percentile/BCa interval.
+- two AUCs on the same rows: the same DeLong / clustered DeLong test, its p and its CI
+  from one z (or t) statistic, so they cannot disagree; where the variance of the
+  difference is 0, an exact paired-swap permutation p.
 
 References: DeLong, DeLong & Clarke-Pearson 1988, Biometrics 44:837 (variance and
 paired test); Sun & Xu 2014, IEEE Signal Processing Letters 21:1389 (fast midrank
-algorithm); Efron 1987, JASA 82:171 (BCa intervals); Benjamini & Hochberg 1995, JRSS-B
-57:289 (FDR).
+algorithm); Obuchowski 1997, Biometrics 53:567 (clustered data); Satterthwaite 1946,
+Biometrics Bulletin 2:110 (df); Clopper & Pearson 1934, Biometrika 26:404 (exact
+interval); Efron 1987, JASA 82:171 (BCa intervals); Benjamini & Hochberg 1995, JRSS-B
+57:289 (FDR); Wilson 1927, JASA 22:209 and Korn & Graubard 1998, Survey Methodology
+24:193 (proportions from clustered samples).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -26,51 +42,60 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.special import log_ndtr, ndtr, ndtri
+from scipy.stats import beta as beta_dist
+from scipy.stats import norm
+from scipy.stats import t as t_dist
+
+from .probes import _group_codes, _labels01, grouped_folds, out_of_fold_scores
 
 __all__ = [
     "AUCResult",
     "BootstrapResult",
+    "FewClustersWarning",
+    "GapResult",
+    "NotEstimable",
     "PairedDeLongResult",
     "PermutationFloor",
     "auc",
     "auc_table",
     "bootstrap_auc",
+    "bootstrap_auc_gap",
     "compare_table",
     "delong",
     "delong_paired",
     "fdr_bh",
+    "format_p",
     "permutation_floor",
+    "within_pair_table",
 ]
 
 _LN10 = math.log(10.0)
 
+# A patient-cluster bootstrap needs this many patients with a positive row and with a
+# negative row (below it, raise), and warns below FEW_GROUPS. In seeded simulations
+# (benchmarks/sim_stats.py) the 95% percentile interval of one AUC covered 0.84 of the
+# time with 5 positive patients, 0.88-0.90 with 10 to 20 and 0.94 with 40, and a paired
+# difference's interval excluded a true 0 in 9-12% of samples with ~9 positive patients.
+MIN_GROUPS = 5
+FEW_GROUPS = 20
+
+
+class NotEstimable(ValueError):
+    """A statistic that the data cannot support (e.g. every positive in one patient).
+
+    The table functions turn it into a row with the estimate, NaN where the interval or
+    p-value would be, and the reason in the ``note`` column.
+    """
+
+
+class FewClustersWarning(UserWarning):
+    """Fewer patients per class than a patient-cluster bootstrap interval needs to be trusted."""
+
 
 # -- input checks ------------------------------------------------------------------------
-def _as_labels(y_true, name: str = "y_true") -> np.ndarray:
-    """Return ``y_true`` as a bool array, refusing anything but 0/1 labels."""
-    y = np.asarray(y_true)
-    if y.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one label per row); got shape {y.shape}")
-    if y.dtype == bool:
-        return y
-    if y.dtype.kind not in "iuf":
-        raise ValueError(
-            f"{name} must hold 0/1 or bool labels; got dtype {y.dtype}. "
-            "Map the label column to 0/1 (1 = positive) first."
-        )
-    if y.dtype.kind == "f" and np.isnan(y).any():
-        raise ValueError(
-            f"{name} has {int(np.isnan(y).sum())} NaN labels (first at row "
-            f"{int(np.flatnonzero(np.isnan(y))[0])}); drop unlabelled rows before scoring."
-        )
-    bad = (y != 0) & (y != 1)
-    if bad.any():
-        raise ValueError(
-            f"{name} must hold only 0/1 labels; found {np.unique(y[bad])[:5].tolist()} "
-            f"(first at row {int(np.flatnonzero(bad)[0])}). Map it to 0/1 (1 = positive) first."
-        )
-    return y == 1
+def _labels(y_true, name: str = "y_true") -> np.ndarray:
+    """0/1 labels as bool (the check itself is probes._labels01, shared with the probes)."""
+    return _labels01(y_true, name).astype(bool)
 
 
 def _as_score(score, n: int, name: str = "score") -> np.ndarray:
@@ -102,12 +127,58 @@ def _check_classes(y: np.ndarray, need: int = 1, what: str = "an AUC") -> tuple[
     return m, n
 
 
-# -- placement values (Sun & Xu 2014) ------------------------------------------------------
+@dataclass(frozen=True)
+class _Clusters:
+    """Patients (clusters) of one label vector: code per row and which classes each holds."""
+
+    codes: np.ndarray
+    has_pos: np.ndarray
+    has_neg: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.has_pos.shape[0])
+
+    @property
+    def n_pos(self) -> int:
+        """Patients with a positive row (Obuchowski's I10)."""
+        return int(self.has_pos.sum())
+
+    @property
+    def n_neg(self) -> int:
+        """Patients with a negative row (Obuchowski's I01)."""
+        return int(self.has_neg.sum())
+
+    @property
+    def disjoint_pairs(self) -> int:
+        """Most positive-negative pairs that use every patient at most once (independent pairs)."""
+        both = int((self.has_pos & self.has_neg).sum())
+        pos_only, neg_only = self.n_pos - both, self.n_neg - both
+        k = min(pos_only, neg_only)
+        # left-over one-class patients pair with mixed ones, and mixed ones with each other
+        k_mixed = min(abs(pos_only - neg_only), both)
+        return k + k_mixed + (both - k_mixed) // 2
+
+
+def _clusters(groups, y: np.ndarray) -> _Clusters:
+    """Cluster layout; ``groups=None`` makes every row its own patient."""
+    codes = _group_codes(groups, y.shape[0], "y_true")
+    n = int(codes.max()) + 1 if codes.size else 0
+    return _Clusters(codes, np.bincount(codes[y], minlength=n) > 0, np.bincount(codes[~y], minlength=n) > 0)
+
+
+def _repeats(groups) -> bool:
+    """Whether some patient has several rows (then the clustered procedures apply)."""
+    return groups is not None and bool(pd.Series(np.asarray(groups)).duplicated().any())
+
+
+# -- pair counting and placement values (Sun & Xu 2014) -----------------------------------
 def _below_counts(sorted_ref: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each query: reference values strictly below it, and at or below it.
 
-    One binary search per query; the second ('right') search runs only for queries that
-    actually tie with a reference value, which continuous scores almost never do.
+    The one pair counter of this module. One binary search per query; the second
+    ('right') search runs only for queries that actually tie with a reference value,
+    which continuous scores almost never do.
     """
     lo = np.searchsorted(sorted_ref, q, "left")
     tie = sorted_ref[np.minimum(lo, sorted_ref.shape[0] - 1)] == q
@@ -116,6 +187,12 @@ def _below_counts(sorted_ref: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np
     hi = lo.copy()
     hi[tie] = np.searchsorted(sorted_ref, q[tie], "right")
     return lo, hi
+
+
+def _auc_of(pos: np.ndarray, neg_sorted: np.ndarray) -> float:
+    """AUC of positive scores against sorted negative scores (ties one half), from exact integer counts."""
+    lo, hi = _below_counts(neg_sorted, np.sort(pos))  # sorted queries: branch-predictable searches
+    return (int(lo.sum()) + int(hi.sum())) / (2.0 * pos.shape[0] * neg_sorted.shape[0])
 
 
 def _placements(y: np.ndarray, s: np.ndarray, split=None) -> tuple[float, np.ndarray, np.ndarray]:
@@ -147,21 +224,75 @@ def _placements(y: np.ndarray, s: np.ndarray, split=None) -> tuple[float, np.nda
     return auc_value, twice_below / (2.0 * n), twice_above / (2.0 * m)
 
 
+def _within_cluster_wins(pos, neg, cl_pos, cl_neg, n_clusters: int) -> np.ndarray:
+    """Per patient: its positives' wins over its own negatives (ties one half).
+
+    Scores become joint ranks and each row the key (patient, rank), so one sorted array
+    of negative keys answers every positive's within-patient count with the same
+    counter as the AUC itself.
+    """
+    m = pos.shape[0]
+    ranks = np.unique(np.concatenate([pos, neg]), return_inverse=True)[1].reshape(-1).astype(np.int64)
+    width = int(ranks.max()) + 1 if ranks.size else 1
+    neg_keys = np.sort(cl_neg.astype(np.int64) * width + ranks[m:])
+    base = cl_pos.astype(np.int64) * width
+    lo, hi = _below_counts(neg_keys, base + ranks[:m])
+    start = np.searchsorted(neg_keys, base, "left")  # the patient's first negative key
+    return np.bincount(cl_pos, weights=0.5 * (lo + hi) - start, minlength=n_clusters)
+
+
 def auc(y_true, score) -> float:
     """Area under the ROC curve (Mann-Whitney U / mn) with midranks for ties; never flipped."""
-    y = _as_labels(y_true)
+    y = _labels(y_true)
     s = _as_score(score, y.shape[0])
-    m, n = _check_classes(y)
-    # sum over positives of 2 x (negatives below + half ties), an exact integer count
-    lo, hi = _below_counts(np.sort(s[~y]), np.sort(s[y]))
-    numer = int(lo.sum()) + int(hi.sum())
-    return numer / (2.0 * m * n)
+    _check_classes(y)
+    return _auc_of(s[y], np.sort(s[~y]))
+
+
+# -- reference distributions -------------------------------------------------------------
+def _quantile(level: float, df: float) -> float:
+    """Two-sided critical value: normal for df = inf, else Student t."""
+    q = 0.5 + level / 2.0
+    return float(norm.ppf(q)) if math.isinf(df) else float(t_dist.ppf(q, df))
+
+
+def _log_p(z: float, df: float) -> float:
+    """Natural log of the two-sided p of z (normal for df = inf, else t), exact far into the tail."""
+    tail = norm.logsf(abs(z)) if math.isinf(df) else t_dist.logsf(abs(z), df)
+    return min(0.0, math.log(2.0) + float(tail))
+
+
+def _exact_pairs(theta: float, k: int, level: float, null: float) -> tuple[tuple[float, float], float]:
+    """Clopper-Pearson interval and two-sided p for an AUC from ``k`` independent pairs.
+
+    k positive-negative pairs that share no patient are independent, each concordant with
+    chance P(X > Y) <= AUC, so the number concordant is at most Binomial(k, AUC): the
+    exact binomial interval (Clopper & Pearson 1934) of k * theta successes bounds the
+    AUC, e.g. (alpha/2)^(1/k) below an observed AUC of 1. Ties count one half (the beta
+    form accepts a fractional count). Used only where DeLong's variance is 0, so the
+    interval does not collapse onto the estimate. Returns ((low, high), log p vs null).
+    """
+    x = theta * k
+    a = 1.0 - level
+    lo = 0.0 if x <= 0 else float(beta_dist.ppf(a / 2.0, x, k - x + 1))
+    hi = 1.0 if x >= k else float(beta_dist.ppf(1.0 - a / 2.0, x + 1, k - x))
+    # the same two one-sided binomial tests the interval inverts, so p < 1 - level
+    # exactly when the interval excludes the null
+    log_upper = 0.0 if x <= 0 else float(beta_dist.logcdf(null, x, k - x + 1))  # P(>= x | null)
+    log_lower = 0.0 if x >= k else float(beta_dist.logsf(null, x + 1, k - x))  # P(<= x | null)
+    return (lo, hi), min(0.0, math.log(2.0) + min(log_upper, log_lower))
 
 
 # -- DeLong -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AUCResult:
-    """One AUC with its DeLong variance and a confidence interval."""
+    """One AUC with its DeLong variance, a confidence interval and a test against ``null``.
+
+    method: "wald" or "logit" (the interval's scale), or "exact_pairs" where the variance
+    was 0 (see :func:`delong`). df: degrees of freedom of the t reference (inf: normal).
+    z, p_value, log10_p test AUC = ``null`` on the interval's scale, so p < 1 - level
+    exactly when the interval excludes the null.
+    """
 
     auc: float
     variance: float
@@ -170,6 +301,13 @@ class AUCResult:
     n_neg: int
     method: str = "wald"
     level: float = 0.95
+    df: float = math.inf
+    null: float = 0.5
+    z: float = math.nan
+    p_value: float = math.nan
+    log10_p: float = math.nan
+    n_groups: int | None = None
+    note: str = ""
 
     @property
     def se(self) -> float:
@@ -178,7 +316,13 @@ class AUCResult:
 
 @dataclass(frozen=True)
 class PairedDeLongResult:
-    """Two correlated AUCs on the same rows, their DeLong covariance and the paired z-test."""
+    """Two correlated AUCs on the same rows, their DeLong covariance and the paired test.
+
+    ``ci`` is the ``level`` interval of ``auc_a - auc_b`` from the same statistic as the
+    p-value (NaN where the variance of the difference is 0). method: "delong",
+    "delong_clustered" (Obuchowski 1997, t reference with ``df``) or "paired_swap" (exact
+    or Monte Carlo permutation p where the variance is 0).
+    """
 
     auc_a: float
     auc_b: float
@@ -188,6 +332,12 @@ class PairedDeLongResult:
     log10_p: float
     n_pos: int
     n_neg: int
+    ci: tuple[float, float] = (math.nan, math.nan)
+    level: float = 0.95
+    df: float = math.inf
+    method: str = "delong"
+    n_groups: int | None = None
+    note: str = ""
 
     @property
     def delta(self) -> float:
@@ -218,102 +368,206 @@ def _variance(v10: np.ndarray, v01: np.ndarray) -> float:
     return _scatter1(v10) / (m * (m - 1.0)) + _scatter1(v01) / (n * (n - 1.0))
 
 
-def _cluster_codes(groups, y: np.ndarray, what: str = "y_true") -> np.ndarray:
-    g = np.asarray(groups)
-    if g.shape != y.shape:
-        raise ValueError(f"groups has {g.shape[0]} rows but {what} has {y.shape[0]}; pass one patient id per row.")
-    if pd.isna(g).any():
-        raise ValueError("groups has missing patient ids; fill them (e.g. with the image id) first.")
-    return np.unique(g, return_inverse=True)[1].reshape(-1)
+def _cluster_sums(cl: _Clusters, y: np.ndarray, theta: float, v10: np.ndarray, v01: np.ndarray):
+    """Per patient: sum over its positives of V10 - theta, and over its negatives of V01 - theta."""
+    a = np.bincount(cl.codes[y], weights=v10 - theta, minlength=cl.n)
+    b = np.bincount(cl.codes[~y], weights=v01 - theta, minlength=cl.n)
+    return a, b
 
 
-def _clustered_variance(y: np.ndarray, codes: np.ndarray, theta: float, v10: np.ndarray, v01: np.ndarray) -> float:
-    """Obuchowski's (1997) variance of a placement-based AUC (or AUC difference) with clusters.
+def _obuchowski(cl: _Clusters, m: int, n: int, ab1, ab2=None) -> tuple[float, float, float]:
+    """Obuchowski's (1997) clustered (co)variance terms S10/M, S01/N and 2 S11/(M N).
 
-    Per cluster i: a_i = sum of its positives' V10 - m_i * theta, b_i = sum of its
-    negatives' V01 - n_i * theta. var = I / (I - 1) * sum_i (a_i / M + b_i / N)^2, which is
-    Obuchowski's S10 / M + S01 / N + 2 S11 / (M N) written as one sum (a cluster-robust
-    sandwich: a patient's positive and negative images may be correlated).
+    ab1, ab2: per-patient sums (a, b) from :func:`_cluster_sums` of one score each (the
+    same score twice gives its variance; differenced sums give the variance of a
+    difference). The positive-side term is scaled by I10/(I10 - 1), the negative-side
+    term by I01/(I01 - 1) and the within-patient cross term by I/(I - 1), I10 and I01
+    counting patients with a positive and with a negative row, as in Obuchowski's paper
+    and iMRMC's doAUCcluster. With one row per patient the terms are DeLong's
+    (m-1, n-1) variance exactly and the cross term is 0.
     """
-    n_cl = int(codes.max()) + 1
-    if n_cl < 2:
-        raise ValueError("a clustered DeLong variance needs at least two patients (groups).")
-    m, n = v10.shape[0], v01.shape[0]
-    a = np.bincount(codes[y], weights=v10 - theta, minlength=n_cl)
-    b = np.bincount(codes[~y], weights=v01 - theta, minlength=n_cl)
-    t = a / m + b / n
-    return float(n_cl / (n_cl - 1.0) * np.dot(t, t))
+    i10, i01, i = cl.n_pos, cl.n_neg, cl.n
+    if i10 < 2 or i01 < 2:
+        which = "positive" if i10 < 2 else "negative"
+        rows = m if i10 < 2 else n
+        raise NotEstimable(
+            f"all {rows} {which} rows are in {min(i10, i01)} patient(s); Obuchowski's clustered variance needs "
+            f"{which} rows in at least 2 patients (I10 = {i10}, I01 = {i01}). Report the AUC without an "
+            "interval, or pool strata so that more patients hold each class."
+        )
+    (a1, b1), (a2, b2) = ab1, ab1 if ab2 is None else ab2
+    s10 = i10 / (i10 - 1.0) * float(a1 @ a2) / (float(m) * m)
+    s01 = i01 / (i01 - 1.0) * float(b1 @ b2) / (float(n) * n)
+    s11 = i / (i - 1.0) * float(a1 @ b2 + a2 @ b1) / (float(m) * n)
+    return s10, s01, s11
 
 
-def delong(y_true, score, method: str = "wald", level: float = 0.95, *, groups=None) -> AUCResult:
-    """AUC with DeLong variance and a ``level`` CI.
+def _satterthwaite(s10: float, s01: float, cl: _Clusters) -> float:
+    """Welch-Satterthwaite df of S10/M + S01/N, each estimated from I10 - 1 and I01 - 1 df.
 
-    method: "wald" (AUC +/- z*SE, clipped to [0, 1], as pROC's ci.auc) or "logit"
-    (Wald on logit(AUC) by the delta method, back-transformed; stays inside (0, 1)).
-    groups: one patient id per row; when given, the variance is Obuchowski's clustered
-    DeLong variance (several images of one patient are not independent draws).
+    The within-patient cross term is left out of the df. With few patients on one side
+    the df falls towards I10 - 1 (or I01 - 1) and the t reference widens the interval: in
+    seeded simulations with ~9 positive patients the test then rejected 5.0% of true
+    nulls at alpha 0.05, against 7.9% with a normal reference (benchmarks/sim_stats.py).
+    """
+    num = (s10 + s01) ** 2
+    den = s10**2 / (cl.n_pos - 1.0) + s01**2 / (cl.n_neg - 1.0)
+    return num / den if den > 0 else math.inf
+
+
+def _check_reference(reference: str) -> None:
+    if reference not in ("t", "normal"):
+        raise ValueError(f"reference must be 't' (Satterthwaite df) or 'normal' (as iMRMC's doAUCcluster); got {reference!r}")
+
+
+def delong(y_true, score, method: str = "wald", level: float = 0.95, *, groups=None, null: float = 0.5,
+           reference: str = "t") -> AUCResult:
+    """AUC with DeLong variance, a ``level`` CI and a test of AUC = ``null``.
+
+    method: "wald" (AUC +/- q*SE, clipped to [0, 1], as pROC's ci.auc) or "logit"
+    (Wald on logit(AUC) by the delta method, back-transformed; inside (0, 1) wherever the
+    variance is positive).
+    groups: one patient id per row; the variance is then Obuchowski's clustered DeLong
+    variance (several images of one patient are not independent draws) and, with
+    ``reference="t"``, the reference a t distribution with Satterthwaite df (see
+    :func:`_satterthwaite`); ``reference="normal"`` reproduces iMRMC's doAUCcluster. It raises :class:`NotEstimable` when all
+    positive (or all negative) rows are in one patient: the variance is then undefined.
+    Where the variance is 0 (AUC 0 or 1, or every pair tied) no Wald interval exists;
+    the interval and p are then the exact Clopper-Pearson ones on the largest set of
+    positive-negative pairs that share no patient (``method="exact_pairs"``, see
+    :func:`_exact_pairs`), so an AUC of 1 from 3 + 3 rows gives [0.292, 1] and p = 0.25.
     DeLong et al. 1988, Biometrics 44:837; placements by Sun & Xu 2014; clusters:
-    Obuchowski 1997, Biometrics 53:567.
+    Obuchowski 1997, Biometrics 53:567; exact interval: Clopper & Pearson 1934.
     """
     if method not in ("wald", "logit"):
         raise ValueError(f"method must be 'wald' or 'logit'; got {method!r}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level!r}")
-    y = _as_labels(y_true)
+    if not 0.0 < null < 1.0:
+        raise ValueError(f"null must be an AUC in (0, 1), e.g. 0.5 for chance; got {null!r}")
+    _check_reference(reference)
+    y = _labels(y_true)
     s = _as_score(score, y.shape[0])
     m, n = _check_classes(y, need=2, what="a DeLong variance")
     a, v10, v01 = _placements(y, s)
-    if groups is None:
-        var = _variance(v10, v01)
+    cl = None if groups is None else _clusters(groups, y)
+    n_groups = None if cl is None else cl.n
+    if cl is None:
+        var, df = _variance(v10, v01), math.inf
     else:
-        var = _clustered_variance(y, _cluster_codes(groups, y), a, v10, v01)
-    zq = float(ndtri(0.5 + level / 2.0))
+        s10, s01, s11 = _obuchowski(cl, m, n, _cluster_sums(cl, y, a, v10, v01))
+        var, df = max(s10 + s01 + s11, 0.0), _satterthwaite(s10, s01, cl) if reference == "t" else math.inf
+    common = dict(auc=a, variance=var, n_pos=m, n_neg=n, level=level, null=null, n_groups=n_groups)
+    if var <= 0.0:
+        k = min(m, n) if cl is None else cl.disjoint_pairs
+        ci, log_p = _exact_pairs(a, k, level, null)
+        return AUCResult(ci=ci, method="exact_pairs", df=math.inf, z=math.nan, p_value=math.exp(log_p),
+                         log10_p=log_p / _LN10, note=f"DeLong variance 0 (AUC {a:g}): exact Clopper-Pearson "
+                         f"interval and p on {k} positive-negative pairs that share no patient", **common)
     se = math.sqrt(var)
-    if se == 0.0:
-        ci = (a, a)
-    elif method == "wald":
-        ci = (max(0.0, a - zq * se), min(1.0, a + zq * se))
+    q = _quantile(level, df)
+    if method == "wald":
+        ci = (max(0.0, a - q * se), min(1.0, a + q * se))
+        z = (a - null) / se
     else:
         # se > 0 implies 0 < AUC < 1, so the logit is finite.
-        centre, half = math.log(a / (1.0 - a)), zq * se / (a * (1.0 - a))
-        ci = (1.0 / (1.0 + math.exp(-(centre - half))), 1.0 / (1.0 + math.exp(-(centre + half))))
-    return AUCResult(auc=a, variance=var, ci=ci, n_pos=m, n_neg=n, method=method, level=level)
+        centre, se_logit = math.log(a / (1.0 - a)), se / (a * (1.0 - a))
+        ci = (1.0 / (1.0 + math.exp(-(centre - q * se_logit))), 1.0 / (1.0 + math.exp(-(centre + q * se_logit))))
+        z = (centre - math.log(null / (1.0 - null))) / se_logit
+    log_p = _log_p(z, df)
+    return AUCResult(ci=ci, method=method, df=df, z=z, p_value=math.exp(log_p), log10_p=log_p / _LN10, **common)
 
 
-def _two_sided_log_p(z: float) -> float:
-    """Natural log of the two-sided normal p-value, exact far into the tail."""
-    # log_ndtr(-|z|) is norm.logsf(|z|) without scipy.stats' per-call overhead.
-    return math.log(2.0) + float(log_ndtr(-abs(z)))
+def _paired_swap_log_p(y, sa, sb, units: np.ndarray, delta: float, n_permutations: int, seed) -> tuple[float, str]:
+    """Two-sided permutation p of auc(a) - auc(b) with the two scores swapped within units.
 
-
-def delong_paired(y_true, score_a, score_b) -> PairedDeLongResult:
-    """DeLong's paired test that two scores on the same rows have equal AUC.
-
-    The z statistic uses the (m-1, n-1) covariance convention of R pROC's
-    roc.test(method="delong"); p comes from the log survival function so z = 40 still has
-    a finite ``log10_p``. A zero difference with zero variance gives z = 0, p = 1.
-    DeLong et al. 1988, Biometrics 44:837; Sun & Xu 2014, IEEE SPL 21:1389.
+    Under the null that a unit's (a, b) scores are exchangeable, every swap pattern is
+    equally likely; p is the share of patterns whose |difference| reaches the observed
+    one: all 2^U patterns when U <= 12 units (exact; 3 + 3 rows, one perfect score and
+    one constant, give p = 0.25), else ``n_permutations`` random ones with (1 + count) /
+    (1 + n_permutations). Units are patients when groups are given, else rows.
     """
-    y = _as_labels(y_true)
+    n_units = int(units.max()) + 1
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    if n_units <= 12:
+        patterns = np.array(list(itertools.product((False, True), repeat=n_units)), dtype=bool)
+        exact = True
+    else:
+        patterns = np.random.default_rng(seed).random((int(n_permutations), n_units)) < 0.5
+        exact = False
+    tol = 1e-12 * max(1.0, abs(delta))
+    count = 0
+    for swap in patterns:
+        sw = swap[units]
+        a2, b2 = np.where(sw, sb, sa), np.where(sw, sa, sb)
+        d = _auc_of(a2[pos], np.sort(a2[neg])) - _auc_of(b2[pos], np.sort(b2[neg]))
+        count += abs(d) >= abs(delta) - tol
+    if exact:
+        return math.log(count / patterns.shape[0]), f"exact over all {patterns.shape[0]} swap patterns"
+    return math.log((1 + count) / (1 + patterns.shape[0])), f"Monte Carlo over {patterns.shape[0]} random swap patterns"
+
+
+def delong_paired(y_true, score_a, score_b, *, groups=None, level: float = 0.95, n_permutations: int = 2000,
+                  seed: int | np.random.SeedSequence = 0, reference: str = "t") -> PairedDeLongResult:
+    """DeLong's paired test that two scores on the same rows have equal AUC, with the CI of the difference.
+
+    Without groups: the z statistic uses the (m-1, n-1) covariance convention of R pROC's
+    roc.test(method="delong") and a normal reference. With groups (one patient id per
+    row): Obuchowski's (1997) clustered covariance and a t reference with Satterthwaite df
+    (see :func:`_satterthwaite`); this is the test the tables use wherever a patient has
+    several rows. ``reference="normal"`` refers the clustered z to the normal instead, as
+    iMRMC's doAUCcluster does (its size runs high with few patients). The CI of ``auc_a - auc_b`` is delta +/- q * SE from the same reference,
+    so p < 1 - level exactly when the CI excludes 0. p comes from the log survival
+    function, so z = 40 still has a finite ``log10_p`` (print it with :func:`format_p`).
+    Where the variance of the difference is 0 no Wald test exists: a zero difference gives
+    z = 0, p = 1; a nonzero one (e.g. a perfect against a constant score) gets the exact
+    paired-swap permutation p (:func:`_paired_swap_log_p`, ``n_permutations`` and
+    ``seed`` used only there) and no interval.
+    DeLong et al. 1988, Biometrics 44:837; Sun & Xu 2014, IEEE SPL 21:1389; Obuchowski
+    1997, Biometrics 53:567.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level!r}")
+    _check_reference(reference)
+    y = _labels(y_true)
     sa = _as_score(score_a, y.shape[0], "score_a")
     sb = _as_score(score_b, y.shape[0], "score_b")
     m, n = _check_classes(y, need=2, what="a DeLong covariance")
     split = (np.flatnonzero(y), np.flatnonzero(~y))
     auc_a, v10a, v01a = _placements(y, sa, split)
     auc_b, v10b, v01b = _placements(y, sb, split)
-    cov = _scatter2(v10a, v10b) / (m * (m - 1.0)) + _scatter2(v01a, v01b) / (n * (n - 1.0))
-    # Variance of the difference from the differenced placements, not from the 2x2
-    # matrix: identical predictors then give exactly 0 rather than rounding noise.
-    var_d = _scatter1(v10a - v10b) / (m * (m - 1.0)) + _scatter1(v01a - v01b) / (n * (n - 1.0))
-    delta = auc_a - auc_b
-    if var_d <= 0.0:
-        if delta == 0.0:
-            z, log_p = 0.0, 0.0
-        else:
-            z, log_p = math.copysign(math.inf, delta), -math.inf
+    cl = None if groups is None else _clusters(groups, y)
+    if cl is None:
+        cov = _scatter2(v10a, v10b) / (m * (m - 1.0)) + _scatter2(v01a, v01b) / (n * (n - 1.0))
+        # Variance of the difference from the differenced placements, not from the 2x2
+        # matrix: identical predictors then give exactly 0 rather than rounding noise.
+        var_d = _scatter1(v10a - v10b) / (m * (m - 1.0)) + _scatter1(v01a - v01b) / (n * (n - 1.0))
+        df, method = math.inf, "delong"
     else:
-        z = delta / math.sqrt(var_d)
-        log_p = min(0.0, _two_sided_log_p(z))
+        sums_a = _cluster_sums(cl, y, auc_a, v10a, v01a)
+        sums_b = _cluster_sums(cl, y, auc_b, v10b, v01b)
+        c_ab = sum(_obuchowski(cl, m, n, sums_a, sums_b))
+        cov = np.array([[sum(_obuchowski(cl, m, n, sums_a)), c_ab], [c_ab, sum(_obuchowski(cl, m, n, sums_b))]])
+        diff = (sums_a[0] - sums_b[0], sums_a[1] - sums_b[1])
+        s10, s01, s11 = _obuchowski(cl, m, n, diff)
+        df = _satterthwaite(s10, s01, cl) if reference == "t" else math.inf
+        var_d, method = max(s10 + s01 + s11, 0.0), "delong_clustered"
+    delta = auc_a - auc_b
+    ci, note = (math.nan, math.nan), ""
+    if var_d > 0.0:
+        se = math.sqrt(var_d)
+        z = delta / se
+        log_p = _log_p(z, df)
+        q = _quantile(level, df)
+        ci = (max(-1.0, delta - q * se), min(1.0, delta + q * se))
+    elif delta == 0.0:
+        z, log_p = 0.0, 0.0
+        note = "the two scores order every positive-negative pair alike: difference 0, variance 0, no interval"
+    else:
+        units = np.arange(y.shape[0]) if cl is None else cl.codes
+        log_p, how = _paired_swap_log_p(y, sa, sb, units, delta, n_permutations, seed)
+        z, df, method = math.nan, math.inf, "paired_swap"
+        note = f"variance of the difference 0: paired-swap permutation p ({how}), no interval"
     return PairedDeLongResult(
         auc_a=auc_a,
         auc_b=auc_b,
@@ -323,6 +577,12 @@ def delong_paired(y_true, score_a, score_b) -> PairedDeLongResult:
         log10_p=log_p / _LN10,
         n_pos=m,
         n_neg=n,
+        ci=ci,
+        level=level,
+        df=df,
+        method=method,
+        n_groups=None if cl is None else cl.n,
+        note=note,
     )
 
 
@@ -332,7 +592,9 @@ class BootstrapResult:
     """Bootstrap CI of an AUC and, when two scores were given, of their paired difference.
 
     ``difference`` is ``auc - auc_b``; ``replicates`` holds the bootstrap AUCs
-    (shape (n_boot,) or (n_boot, 2)); replicates with an empty class are NaN.
+    (shape (n_boot,) or (n_boot, 2)); replicates with an empty class are NaN. ``method``
+    is "exact_pairs" where the AUC is 0 or 1 and the interval is the exact one of
+    :func:`delong` instead (every replicate then equals the estimate); ``note`` says so.
     """
 
     auc: float
@@ -351,6 +613,7 @@ class BootstrapResult:
     diff_ci_low: float | None = None
     diff_ci_high: float | None = None
     replicates: np.ndarray | None = field(default=None, repr=False, compare=False)
+    note: str = ""
 
     @property
     def ci(self) -> tuple[float, float]:
@@ -375,11 +638,9 @@ class _Ranker:
 
     def __init__(self, pos: np.ndarray, neg: np.ndarray):
         self.order = np.argsort(pos, kind="stable")
-        xs = pos[self.order]
-        m = xs.shape[0]
-        lo = np.searchsorted(xs, neg, "left").astype(np.int64)
-        hi = np.searchsorted(xs, neg, "right").astype(np.int64)
-        pairs, key = np.unique(lo * (m + 1) + hi, return_inverse=True)
+        m = pos.shape[0]
+        lo, hi = _below_counts(pos[self.order], neg)
+        pairs, key = np.unique(lo.astype(np.int64) * (m + 1) + hi, return_inverse=True)
         self.ulo = pairs // (m + 1)
         self.uhi = pairs % (m + 1)
         self.key = key.astype(np.intp).reshape(-1)
@@ -389,20 +650,6 @@ class _Ranker:
         cw = np.zeros(w_rows.shape[0] + 1)
         np.cumsum(w_rows[self.order], out=cw[1:])
         return cw[-1] - 0.5 * (cw[self.ulo] + cw[self.uhi])
-
-
-def _within_wins(pos: np.ndarray, neg: np.ndarray, cl_pos: np.ndarray, cl_neg: np.ndarray, n_groups: int) -> np.ndarray:
-    """Per patient: positives above negatives within that patient (ties one half)."""
-    out = np.zeros(n_groups)
-    order_p, order_n = np.argsort(cl_pos, kind="stable"), np.argsort(cl_neg, kind="stable")
-    bp = np.searchsorted(cl_pos[order_p], np.arange(n_groups + 1))
-    bn = np.searchsorted(cl_neg[order_n], np.arange(n_groups + 1))
-    both = np.flatnonzero((np.diff(bp) > 0) & (np.diff(bn) > 0))
-    for g in both:  # patients hold a handful of images: a loop over patients, not pairs
-        p = pos[order_p[bp[g]:bp[g + 1]]][:, None]
-        q = neg[order_n[bn[g]:bn[g + 1]]][None, :]
-        out[g] = (p > q).sum() + 0.5 * (p == q).sum()
-    return out
 
 
 def _bootstrap_chunk(
@@ -459,19 +706,10 @@ def _cluster_jackknife(
     """Leave-one-cluster-out AUCs in closed form.
 
     Removing cluster c removes its rows' placement sums but counts its own
-    positive-negative pairs twice, so those within-cluster pairs are added back; they
-    are counted with one sort on (cluster, score rank) keys.
+    positive-negative pairs twice, so those within-cluster pairs are added back.
     """
     m, n = pos.shape[0], neg.shape[0]
-    ranks = np.unique(np.concatenate([pos, neg]), return_inverse=True)[1].reshape(-1)
-    r_pos, r_neg = ranks[:m].astype(np.int64), ranks[m:].astype(np.int64)
-    width = int(ranks.max()) + 2
-    neg_keys = np.sort(cl_neg.astype(np.int64) * width + r_neg)
-    base = cl_pos.astype(np.int64) * width
-    start = np.searchsorted(neg_keys, base, "left")
-    below = np.searchsorted(neg_keys, base + r_pos, "left") - start
-    at_or_below = np.searchsorted(neg_keys, base + r_pos, "right") - start
-    within = np.bincount(cl_pos, weights=0.5 * (below + at_or_below), minlength=n_clusters)
+    within = _within_cluster_wins(pos, neg, cl_pos, cl_neg, n_clusters)
     removed = (
         n * np.bincount(cl_pos, weights=v10, minlength=n_clusters)
         + m * np.bincount(cl_neg, weights=v01, minlength=n_clusters)
@@ -497,13 +735,12 @@ def _bca_interval(theta: float, reps: np.ndarray, jack: np.ndarray, alpha: float
     # when the distribution is degenerate (e.g. perfect separation).
     prop = (np.count_nonzero(reps < theta) + 0.5 * np.count_nonzero(reps == theta)) / b
     prop = min(max(prop, 0.5 / b), 1.0 - 0.5 / b)
-    z0 = float(ndtri(prop))
+    z0 = float(norm.ppf(prop))
     d = jack.mean() - jack
     ss = float((d**2).sum())
     accel = float((d**3).sum()) / (6.0 * ss**1.5) if ss > 0 else 0.0
-    qs = []
-    for zq in (ndtri(alpha / 2.0), ndtri(1.0 - alpha / 2.0)):
-        qs.append(float(ndtr(z0 + (z0 + zq) / (1.0 - accel * (z0 + zq)))))
+    zq = norm.ppf([alpha / 2.0, 1.0 - alpha / 2.0])
+    qs = norm.cdf(z0 + (z0 + zq) / (1.0 - accel * (z0 + zq)))
     lo, hi = np.quantile(reps, qs)
     return float(lo), float(hi)
 
@@ -520,6 +757,25 @@ def _n_workers(n_jobs: int | None) -> int:
 _CHUNK = 64  # replicates per seed; results do not depend on the number of threads
 
 
+def _check_cluster_counts(cl: _Clusters, min_groups: int, what: str) -> None:
+    """Raise below ``min_groups`` patients per class, warn below FEW_GROUPS."""
+    few = min(cl.n_pos, cl.n_neg)
+    counts = f"{cl.n_pos} clusters (groups) with a positive row and {cl.n_neg} with a negative row"
+    if few < min_groups:
+        raise NotEstimable(
+            f"{counts}; {what} needs at least {min_groups} of each (it resamples whole groups, and with fewer "
+            "the replicates take only a handful of values). Pool strata, or use delong(..., groups=...) "
+            "(Obuchowski's clustered variance with a t reference), whose size holds with few patients."
+        )
+    if few < FEW_GROUPS:
+        warnings.warn(
+            f"{counts} (fewer than {FEW_GROUPS}): {what}'s percentile interval runs too narrow with this few "
+            "clusters (95% intervals covered 0.84-0.90 in simulation with 5-20); prefer delong(..., groups=...).",
+            FewClustersWarning,
+            stacklevel=3,
+        )
+
+
 def bootstrap_auc(
     y_true,
     score,
@@ -531,17 +787,22 @@ def bootstrap_auc(
     groups=None,
     seed: int | np.random.SeedSequence = 0,
     n_jobs: int | None = None,
+    min_groups: int = MIN_GROUPS,
 ) -> BootstrapResult:
     """Stratified bootstrap CI of an AUC, or of two AUCs and their paired difference.
 
     Positives and negatives are resampled separately. With ``groups`` (one patient id
     per row) whole patients are resampled instead, stratified by whether a patient has
-    any positive row, so images of one patient never act as independent draws.
-    ``score_b`` is scored on the same replicates, giving a CI for ``auc - auc_b``.
-    method: "percentile" or "bca" (Efron 1987, JASA 82:171), whose acceleration comes from
-    the closed-form jackknife of the DeLong placements (DeLong et al. 1988).
-    seed: an int or a SeedSequence; the same seed gives the same replicates whatever
-    ``n_jobs`` is (threads; the hot loops release the GIL).
+    any positive row, so images of one patient never act as independent draws; it then
+    needs ``min_groups`` patients with a positive row and as many with a negative row
+    (:class:`NotEstimable` otherwise) and warns (:class:`FewClustersWarning`) below
+    ``FEW_GROUPS`` = 20. ``score_b`` is scored on the same replicates, giving a CI for
+    ``auc - auc_b``. method: "percentile" or "bca" (Efron 1987, JASA 82:171), whose
+    acceleration comes from the closed-form jackknife of the DeLong placements (DeLong et
+    al. 1988). An AUC of 0 or 1 makes every replicate equal to it, so its interval is the
+    exact one of :func:`delong` instead (``method="exact_pairs"``). seed: an int or a
+    SeedSequence; the same seed gives the same replicates whatever ``n_jobs`` is
+    (threads; the hot loops release the GIL).
     """
     if method not in ("percentile", "bca"):
         raise ValueError(f"method must be 'percentile' or 'bca'; got {method!r}")
@@ -550,18 +811,19 @@ def bootstrap_auc(
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be a positive integer; got {n_boot!r}")
     n_boot = int(n_boot)
-    y = _as_labels(y_true)
+    y = _labels(y_true)
     scores = [_as_score(score, y.shape[0], "score")]
     if score_b is not None:
         scores.append(_as_score(score_b, y.shape[0], "score_b"))
     m, n = _check_classes(y, need=2, what="a bootstrap CI")
 
+    cl = _clusters(groups, y)  # groups=None: every row its own cluster (for the exact interval's pairs)
     cl_pos = cl_neg = None
     n_groups = None
     if groups is not None:
-        codes = _cluster_codes(groups, y)
-        n_groups = int(codes.max()) + 1
-        cl_pos, cl_neg = codes[y], codes[~y]
+        _check_cluster_counts(cl, int(min_groups), "a patient-cluster bootstrap")
+        n_groups = cl.n
+        cl_pos, cl_neg = cl.codes[y], cl.codes[~y]
 
     # Resample the smaller class by counts and gather the larger: the per-replicate cost
     # is then dominated by one random draw and two gathers over the larger class.
@@ -579,9 +841,7 @@ def bootstrap_auc(
     clusters = None
     if groups is not None:
         cp, cn = (cl_neg, cl_pos) if swap else (cl_pos, cl_neg)
-        has_pos = np.zeros(n_groups, dtype=bool)
-        has_pos[cl_pos] = True
-        strata = [s for s in (np.flatnonzero(has_pos), np.flatnonzero(~has_pos)) if s.shape[0] > 0]
+        strata = [s for s in (np.flatnonzero(cl.has_pos), np.flatnonzero(~cl.has_pos)) if s.shape[0] > 0]
         # Within-patient (positive, negative) wins per patient and per score, and the number
         # of such pairs. A patient drawn c times would otherwise contribute c**2 copies of
         # its within-patient pairs (c of them real, c*(c-1) between copies of itself), so the
@@ -589,7 +849,7 @@ def bootstrap_auc(
         # pairs differ from between-patient ones, are biased (percentile CIs that miss the
         # estimate). Removing the copy-to-copy pairs keeps their share as in the sample.
         within_pairs = np.bincount(cl_pos, minlength=n_groups) * np.bincount(cl_neg, minlength=n_groups)
-        within_wins = [_within_wins(sc[y], sc[~y], cl_pos, cl_neg, n_groups) for sc in scores]
+        within_wins = [_within_cluster_wins(sc[y], sc[~y], cl_pos, cl_neg, n_groups) for sc in scores]
         clusters = (strata, n_groups, cp, cn, within_pairs.astype(np.float64), within_wins)
 
     n_chunks = -(-n_boot // _CHUNK)
@@ -608,8 +868,14 @@ def bootstrap_auc(
     reps = np.concatenate(parts, axis=0)
 
     alpha = 1.0 - ci
+    notes = []
 
-    def interval(theta, rep, jack_fn):
+    def interval(theta, rep, jack_fn, boundary_ok=True):
+        if boundary_ok and theta in (0.0, 1.0):
+            k = cl.disjoint_pairs
+            notes.append(f"AUC {theta:g}: every replicate equals it, so the interval is the exact "
+                         f"Clopper-Pearson one on {k} pairs that share no patient")
+            return _exact_pairs(theta, k, ci, 0.5)[0]
         if method == "percentile":
             return _percentile_interval(rep, alpha)
         return _bca_interval(theta, rep, jack_fn(), alpha)
@@ -622,11 +888,12 @@ def bootstrap_auc(
         return _cluster_jackknife(s[y], s[~y], cl_pos, cl_neg, n_groups, v10, v01, thetas[k])
 
     lo, hi = interval(thetas[0], reps[:, 0], lambda: jack_for(0))
+    out_method = "exact_pairs" if notes else method
     extra = {}
     if score_b is not None:
         lo_b, hi_b = interval(thetas[1], reps[:, 1], lambda: jack_for(1))
         d_lo, d_hi = interval(
-            thetas[0] - thetas[1], reps[:, 0] - reps[:, 1], lambda: jack_for(0) - jack_for(1)
+            thetas[0] - thetas[1], reps[:, 0] - reps[:, 1], lambda: jack_for(0) - jack_for(1), boundary_ok=False
         )
         extra = dict(
             auc_b=thetas[1],
@@ -640,13 +907,14 @@ def bootstrap_auc(
         auc=thetas[0],
         ci_low=lo,
         ci_high=hi,
-        method=method,
+        method=out_method,
         n_boot=n_boot,
         level=ci,
         n_pos=m,
         n_neg=n,
         n_groups=n_groups,
         replicates=reps if score_b is not None else reps[:, 0],
+        note="; ".join(notes),
         **extra,
     )
 
@@ -738,19 +1006,14 @@ def permutation_floor(
     probe: an unfitted estimator with ``fit(X, y, groups)``; a LinearProbe with a single
     C (e.g. ``LinearProbe(Cs=(1.0,))``) keeps many permutations affordable.
     """
-    from .probes import grouped_folds, out_of_fold_scores
-
     if permute not in ("within", "between"):
         raise ValueError(f"permute must be 'within' or 'between'; got {permute!r}")
     if int(n_permutations) < 1:
         raise ValueError(f"n_permutations must be a positive integer; got {n_permutations!r}")
-    yb = _as_labels(y, "y").astype(np.int64)
+    yb = _labels01(y, "y")
     codes = None
     if groups is not None:
-        g = np.asarray(groups)
-        if g.shape[0] != yb.shape[0]:
-            raise ValueError(f"groups has {g.shape[0]} rows but y has {yb.shape[0]}; pass one id per row.")
-        codes = np.unique(g, return_inverse=True)[1].reshape(-1)
+        codes = _group_codes(groups, yb.shape[0], "y")
         n_g = int(codes.max()) + 1
         lo = np.full(n_g, 2)
         hi = np.full(n_g, -1)
@@ -846,43 +1109,68 @@ def auc_table(
     ``auc_table(oof, ["cls", "patch_mean", "roi_local"], "label",
     by=["encoder", "cell"], score_name="pooling", group_col="patient_id")``.
     method: "percentile" or "bca" (bootstrap, see :func:`bootstrap_auc`) or "delong"
-    (DeLong Wald interval, no resampling). group_col: patient ids; the bootstrap then
-    resamples whole patients and "delong" uses Obuchowski's clustered variance (see
-    :func:`delong`), so no method ignores the patients. Each stratum's seed derives from ``seed`` and
-    the stratum's name, so results do not depend on which other strata are present.
-    dropna: drop rows whose score is NaN (e.g. roi_local for images without a box)
-    instead of raising.
+    (DeLong interval, no resampling). group_col: patient ids; the bootstrap then
+    resamples whole patients, and "delong" uses Obuchowski's clustered variance with a t
+    reference wherever a patient has several rows (see :func:`delong`), so no method
+    ignores the patients. The ``method`` column names the procedure of each row
+    ("percentile", "bca", "delong", "delong_clustered", or "exact_pairs" where the AUC is
+    0 or 1). A stratum whose data cannot support an interval (e.g. every positive in one
+    patient, or fewer than 5 patients per class for the cluster bootstrap) keeps its AUC
+    with NaN limits and the reason in ``note``; rows with fewer than 20 patients per class
+    say so in ``note`` and raise one :class:`FewClustersWarning`. Each stratum's seed
+    derives from ``seed`` and the stratum's name, so results do not depend on which other
+    strata are present. dropna: drop rows whose score is NaN (e.g. roi_local for images
+    without a box) instead of raising.
     """
+    if method not in ("percentile", "bca", "delong"):
+        raise ValueError(f"method must be 'percentile', 'bca' or 'delong'; got {method!r}")
     score_cols, by = _as_list(score_cols), _as_list(by)
     _check_columns(df, score_cols + [label_col] + by + _as_list(group_col), "columns")
-    rows = []
+    rows, n_few = [], 0
     for key, part in _iter_strata(df, by):
         for col in score_cols:
             sub = part.dropna(subset=[col]) if dropna else part
             y, s = sub[label_col].to_numpy(), sub[col].to_numpy()
+            g = None if group_col is None else sub[group_col].to_numpy()
             try:
-                if method == "delong":
-                    r = delong(y, s, level=ci, groups=None if group_col is None else sub[group_col].to_numpy())
-                    lo, hi, nb = r.ci[0], r.ci[1], 0
+                try:
+                    if method == "delong":
+                        r = delong(y, s, level=ci, groups=g if _repeats(g) else None)
+                        lo, hi, nb, note = r.ci[0], r.ci[1], 0, r.note
+                        how = r.method if r.method == "exact_pairs" else ("delong" if r.n_groups is None else "delong_clustered")
+                    else:
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always", FewClustersWarning)
+                            r = bootstrap_auc(y, s, n_boot=n_boot, ci=ci, method=method, groups=g,
+                                              seed=_stratum_seed(seed, key, col), n_jobs=n_jobs)
+                        few = [w for w in caught if issubclass(w.category, FewClustersWarning)]
+                        for w in caught:
+                            if w not in few:
+                                warnings.warn(w.message, w.category, stacklevel=2)
+                        n_few += bool(few)
+                        lo, hi, nb, how = r.ci_low, r.ci_high, r.n_boot, r.method
+                        note = "; ".join(([r.note] if r.note else []) + [str(w.message).split(":")[0] for w in few[:1]])
                     a, m, n = r.auc, r.n_pos, r.n_neg
-                else:
-                    r = bootstrap_auc(
-                        y,
-                        s,
-                        n_boot=n_boot,
-                        ci=ci,
-                        method=method,
-                        groups=None if group_col is None else sub[group_col].to_numpy(),
-                        seed=_stratum_seed(seed, key, col),
-                        n_jobs=n_jobs,
-                    )
-                    lo, hi, nb = r.ci_low, r.ci_high, r.n_boot
-                    a, m, n = r.auc, r.n_pos, r.n_neg
+                except NotEstimable as err:
+                    yb = _labels(y, label_col)
+                    a, m, n = auc(yb, s), int(yb.sum()), int((~yb).sum())
+                    lo = hi = math.nan
+                    nb, note = 0, f"not estimable: {err}"
+                    how = "delong_clustered" if method == "delong" else method
             except ValueError as err:
                 raise ValueError(f"stratum {_stratum_label(key)}, score column {col!r}: {err}") from err
             rows.append({**key, score_name: col, "auc": a, "ci_low": lo, "ci_high": hi,
-                         "n_pos": m, "n_neg": n, "method": method, "n_boot": nb})
-    return pd.DataFrame(rows, columns=by + [score_name, "auc", "ci_low", "ci_high", "n_pos", "n_neg", "method", "n_boot"])
+                         "n_pos": m, "n_neg": n, "method": how, "n_boot": nb, "note": note})
+    if n_few:
+        warnings.warn(f"{n_few} rows of this AUC table come from a patient-cluster bootstrap with fewer than "
+                      f"{FEW_GROUPS} clusters in a class, where percentile intervals run narrow; see the note "
+                      "column, or use method='delong'.", FewClustersWarning, stacklevel=2)
+    return pd.DataFrame(rows, columns=by + [score_name, "auc", "ci_low", "ci_high", "n_pos", "n_neg", "method",
+                                            "n_boot", "note"])
+
+
+_COMPARE_COLUMNS = ["a", "b", "auc_a", "auc_b", "delta", "se", "df", "z", "p_value", "log10_p", "p_adj", "family",
+                    "n_pos", "n_neg", "ci_low", "ci_high", "method", "n_groups", "note"]
 
 
 def compare_table(
@@ -895,9 +1183,10 @@ def compare_table(
     family=None,
     dropna: bool = False,
     group_col: str | None = None,
-    n_boot: int = 2000,
     ci: float = 0.95,
     seed: int = 0,
+    n_permutations: int = 2000,
+    n_boot: int | None = None,
     n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """Paired AUC comparisons per stratum, BH-adjusted within each declared family.
@@ -910,17 +1199,24 @@ def compare_table(
     BH families; None makes the whole table one family. The family is part of the
     analysis plan: declare it before looking at p-values.
 
-    group_col: patient ids. Where a stratum has a patient with several rows, the
-    comparison is the patient-cluster bootstrap of the paired difference
-    (:func:`bootstrap_auc` with ``score_b`` and ``groups``, ``n_boot`` replicates): ``ci_low``
-    / ``ci_high`` are its percentile interval, ``se`` the SD of the bootstrap differences,
-    and ``z = delta / se`` with a two-sided normal p (a cluster-robust Wald test). The p is
-    taken from z rather than from the share of replicates past 0 because that share
-    cannot go below 1 / n_boot, and the book prints p far smaller (``log10_p``). Where
-    every patient has one row (or without group_col) it is DeLong's paired test with a
-    Wald CI of the difference. ``method`` says which was used per row.
-    DeLong et al. 1988; Benjamini & Hochberg 1995.
+    Every row is one procedure, named in ``method``, whose p-value and CI come from the
+    same statistic (p < 1 - ci exactly when the CI excludes 0): "delong", DeLong's paired
+    test (pROC's convention, normal reference), where each patient has one row or
+    without ``group_col``; "delong_clustered", the same test with Obuchowski's (1997)
+    clustered covariance and a t reference with Satterthwaite df (``df``), where a patient
+    has several rows (in seeded simulations with ~9 positive patients it rejected 5.0% of
+    true nulls at 0.05; the patient-cluster bootstrap z-test it replaces rejected 8-10%);
+    "paired_swap", the exact (or ``n_permutations`` Monte Carlo, seeded per stratum)
+    paired-swap permutation p where the variance of the difference is 0, with no CI. A
+    stratum that cannot be tested (every positive in one patient) keeps its AUCs with NaN
+    statistics and the reason in ``note``. Print p with :func:`format_p`.
+    n_boot, n_jobs: no longer used (the comparison no longer bootstraps); passing them warns.
+    DeLong et al. 1988; Obuchowski 1997; Benjamini & Hochberg 1995.
     """
+    if n_boot is not None or n_jobs is not None:
+        warnings.warn("compare_table no longer bootstraps (its test is DeLong's, clustered by patient where a "
+                      "patient has several rows); n_boot and n_jobs are ignored and will be removed: drop them.",
+                      DeprecationWarning, stacklevel=2)
     score_cols, by, family = _as_list(score_cols), _as_list(by), _as_list(family)
     if pairs is None:
         if len(score_cols) < 2:
@@ -932,30 +1228,32 @@ def compare_table(
     bad_family = [c for c in family if c not in by + ["a", "b"]]
     if bad_family:
         raise ValueError(f"family columns {bad_family} must be among by={by} or 'a'/'b'.")
-    zq = float(ndtri(0.5 + ci / 2.0))
     rows = []
     for key, part in _iter_strata(df, by):
         for a, b in pairs:
             sub = part.dropna(subset=[a, b]) if dropna else part
             y, sa, sb = sub[label_col].to_numpy(), sub[a].to_numpy(), sub[b].to_numpy()
             g = None if group_col is None else sub[group_col].to_numpy()
+            clustered = _repeats(g)
             try:
-                if g is not None and pd.Series(g).duplicated().any():
-                    row = _cluster_bootstrap_comparison(y, sa, sb, g, n_boot=n_boot, ci=ci,
-                                                        seed=_stratum_seed(seed, key, f"{a} vs {b}"), n_jobs=n_jobs)
-                else:
-                    r = delong_paired(y, sa, sb)
-                    half = zq * r.se_delta
-                    row = {"auc_a": r.auc_a, "auc_b": r.auc_b, "delta": r.delta, "se": r.se_delta,
-                           "ci_low": max(-1.0, r.delta - half), "ci_high": min(1.0, r.delta + half), "z": r.z,
-                           "p_value": r.p_value, "log10_p": r.log10_p, "n_pos": r.n_pos, "n_neg": r.n_neg,
-                           "method": "delong", "n_boot": 0}
+                try:
+                    r = delong_paired(y, sa, sb, groups=g if clustered else None, level=ci,
+                                      n_permutations=n_permutations, seed=_stratum_seed(seed, key, f"{a} vs {b}"))
+                    row = {"auc_a": r.auc_a, "auc_b": r.auc_b, "delta": r.delta, "se": r.se_delta, "df": r.df,
+                           "z": r.z, "p_value": r.p_value, "log10_p": r.log10_p, "n_pos": r.n_pos, "n_neg": r.n_neg,
+                           "ci_low": r.ci[0], "ci_high": r.ci[1], "method": r.method, "note": r.note}
+                except NotEstimable as err:
+                    yb = _labels(y, label_col)
+                    auc_a, auc_b = auc(yb, sa), auc(yb, sb)
+                    nan = math.nan
+                    row = {"auc_a": auc_a, "auc_b": auc_b, "delta": auc_a - auc_b, "se": nan, "df": nan, "z": nan,
+                           "p_value": nan, "log10_p": nan, "n_pos": int(yb.sum()), "n_neg": int((~yb).sum()),
+                           "ci_low": nan, "ci_high": nan, "method": "delong_clustered", "note": f"not estimable: {err}"}
             except ValueError as err:
                 raise ValueError(f"stratum {_stratum_label(key)}, pair {a!r} vs {b!r}: {err}") from err
             n_groups = len(pd.unique(g)) if g is not None else row["n_pos"] + row["n_neg"]
             rows.append({**key, "a": a, "b": b, **row, "n_groups": n_groups})
-    cols = by + ["a", "b", "auc_a", "auc_b", "delta", "se", "z", "p_value", "log10_p", "p_adj", "family", "n_pos",
-                 "n_neg", "ci_low", "ci_high", "method", "n_boot", "n_groups"]
+    cols = by + _COMPARE_COLUMNS
     out = pd.DataFrame(rows, columns=[c for c in cols if c not in ("p_adj", "family")])
     if out.empty:
         return pd.DataFrame(columns=cols)
@@ -969,21 +1267,22 @@ def compare_table(
     return out[cols]
 
 
-def _cluster_bootstrap_comparison(y, sa, sb, groups, *, n_boot: int, ci: float, seed, n_jobs) -> dict:
-    """One compare_table row from the patient-cluster bootstrap of ``auc(sa) - auc(sb)``."""
-    r = bootstrap_auc(y, sa, score_b=sb, groups=groups, n_boot=n_boot, ci=ci, seed=seed, n_jobs=n_jobs)
-    diffs = r.replicates[:, 0] - r.replicates[:, 1]
-    diffs = diffs[np.isfinite(diffs)]
-    se = float(np.std(diffs, ddof=1)) if diffs.shape[0] > 1 else float("nan")
-    delta = float(r.difference)
-    if not se > 0.0:  # identical scores on every replicate
-        z, log_p = (0.0, 0.0) if delta == 0.0 else (math.copysign(math.inf, delta), -math.inf)
-    else:
-        z = delta / se
-        log_p = min(0.0, _two_sided_log_p(z))
-    return {"auc_a": r.auc, "auc_b": r.auc_b, "delta": delta, "se": se, "ci_low": r.diff_ci_low,
-            "ci_high": r.diff_ci_high, "z": z, "p_value": math.exp(log_p), "log10_p": log_p / _LN10,
-            "n_pos": r.n_pos, "n_neg": r.n_neg, "method": "cluster_bootstrap", "n_boot": r.n_boot}
+def format_p(p, floor: float = 1e-16, digits: int = 2) -> str:
+    """A p-value as printed in the book: ``digits`` significant digits, "< 1e-16" below ``floor``.
+
+    A p far in the tail of a normal or t approximation (DeLong, Obuchowski, a Wald z) is
+    not accurate to any digit, so printing 1e-300 is false precision; below ``floor`` the
+    text says only that p is smaller. NaN (a test that could not be done) gives
+    "not estimable".
+    """
+    p = float(p)
+    if math.isnan(p):
+        return "not estimable"
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"a p-value lies in [0, 1]; got {p!r}")
+    if p < floor:
+        return f"< {floor:.0e}".replace("e-0", "e-")
+    return f"{p:.{int(digits)}g}"
 
 
 @dataclass(frozen=True)
@@ -1001,12 +1300,6 @@ class GapResult:
     n_boot: int
 
 
-def _auc_against(pos: np.ndarray, neg_sorted: np.ndarray) -> float:
-    lo = np.searchsorted(neg_sorted, pos, "left")
-    hi = np.searchsorted(neg_sorted, pos, "right")
-    return float((lo + hi).sum()) / (2.0 * pos.shape[0] * neg_sorted.shape[0])
-
-
 def bootstrap_auc_gap(y_true, score, stratum, a: str = "large", b: str = "small", *, n_boot: int = 2000,
                       ci: float = 0.95, seed: int = 0) -> GapResult:
     """AUC of stratum ``a``'s positives minus stratum ``b``'s, both against all negatives.
@@ -1017,7 +1310,7 @@ def bootstrap_auc_gap(y_true, score, stratum, a: str = "large", b: str = "small"
     seeded bootstraps would not). ``stratum`` labels each positive row (negatives' values
     are ignored). Rows are treated as independent (one image per patient).
     """
-    y = _as_labels(y_true)
+    y = _labels(y_true)
     s = _as_score(score, y.shape[0], "score")
     st = np.asarray(stratum).astype(str)
     if st.shape[0] != y.shape[0]:
@@ -1027,41 +1320,103 @@ def bootstrap_auc_gap(y_true, score, stratum, a: str = "large", b: str = "small"
     for name, arr in ((f"stratum {a!r}", pa), (f"stratum {b!r}", pb), ("negatives", neg)):
         if arr.shape[0] < 2:
             raise ValueError(f"{name} has {arr.shape[0]} rows; a gap needs at least 2 in each stratum and 2 negatives")
-    auc_a, auc_b = _auc_against(pa, np.sort(neg)), _auc_against(pb, np.sort(neg))
+    auc_a, auc_b = _auc_of(pa, np.sort(neg)), _auc_of(pb, np.sort(neg))
     rng = np.random.default_rng(seed)
     reps = np.empty(int(n_boot))
     for r in range(reps.shape[0]):
         ns = np.sort(neg[rng.integers(0, neg.shape[0], neg.shape[0])])
-        reps[r] = (_auc_against(pa[rng.integers(0, pa.shape[0], pa.shape[0])], ns)
-                   - _auc_against(pb[rng.integers(0, pb.shape[0], pb.shape[0])], ns))
+        reps[r] = (_auc_of(pa[rng.integers(0, pa.shape[0], pa.shape[0])], ns)
+                   - _auc_of(pb[rng.integers(0, pb.shape[0], pb.shape[0])], ns))
     lo, hi = _percentile_interval(reps, 1.0 - ci)
     return GapResult(auc_a - auc_b, auc_a, auc_b, lo, hi, pa.shape[0], pb.shape[0], neg.shape[0], reps.shape[0])
 
 
+def _proportion_ci(w: np.ndarray, codes: np.ndarray | None, level: float) -> tuple[float, float, str, str]:
+    """Wilson interval of the mean of ``w`` (wins in [0, 1]); clustered by ``codes`` when given.
+
+    Clustered: the Wilson interval on the effective sample size n / deff, deff the ratio of
+    the cluster-robust variance of the mean to the binomial one (Kish's design effect),
+    times (z / t_{G-1})^2 for the G - 1 df of that variance (Korn & Graubard 1998, Survey
+    Methodology 24:193, who do this for the Clopper-Pearson interval). Where every win is
+    1 (or 0) the design effect is 0 / 0; the number of patients then stands in for n_eff,
+    as if each patient's pairs agreed fully (conservative).
+    """
+    from statsmodels.stats.proportion import proportion_confint
+
+    n = w.shape[0]
+    p = float(w.mean())
+    n_groups = n if codes is None else int(codes.max()) + 1
+    if codes is None or n_groups == n:
+        n_eff, how, note = float(n), "wilson", ""
+    elif n_groups < 2:
+        return math.nan, math.nan, "wilson_design_effect", "not estimable: all pairs belong to one patient"
+    else:
+        sums, sizes = np.bincount(codes, weights=w), np.bincount(codes)
+        var_cl = n_groups / (n_groups - 1.0) * float(((sums - sizes * p) ** 2).sum()) / (float(n) * n)
+        var_bin = p * (1.0 - p) / n
+        if var_bin == 0.0:
+            n_eff, note = float(n_groups), "all pairs agree: the number of patients stands in for the effective n"
+        else:
+            n_eff, note = (min(float(n), n * var_bin / var_cl) if var_cl > 0 else float(n)), ""
+        q = 0.5 + level / 2.0
+        n_eff *= (norm.ppf(q) / t_dist.ppf(q, n_groups - 1)) ** 2
+        how = "wilson_design_effect"
+    lo, hi = proportion_confint(p * n_eff, n_eff, alpha=1.0 - level, method="wilson")
+    return float(lo), float(hi), how, note
+
+
 def within_pair_table(df: pd.DataFrame, score_cols, pair_col: str, arm_col: str = "arm", by=None,
-                      ci: float = 0.95) -> pd.DataFrame:
+                      ci: float = 0.95, *, group_col: str | None = None) -> pd.DataFrame:
     """Within-pair AUC: the share of pairs whose arm-1 row outscores its arm-0 row (ties one half).
 
     For a paired design (each ``pair_col`` value has one row with ``arm_col`` 0 and one
     with 1) this is the AUC conditional on the pair: between-pair differences, which
     dominate a pooled AUC when the perturbation moves the score less than images differ,
-    cancel. CI: Wilson interval of the proportion (statsmodels). Tidy: one row per stratum
-    of ``by`` and score column.
+    cancel. A pair with two rows in one arm raises, naming the pair. CI (``method``
+    column): the Wilson interval of the proportion (Wilson 1927) when pairs are
+    independent; with ``group_col`` (patient id per row) and a patient holding several
+    pairs, whose wins are then correlated, the Wilson interval on the design-effect
+    effective number of pairs with a t df correction (:func:`_proportion_ci`; with 30
+    patients x 5 pairs its 95% interval covered 0.95 of the time in simulation, the plain
+    Wilson interval 0.81). Tidy: one row per stratum of ``by`` and score column.
     """
-    from statsmodels.stats.proportion import proportion_confint
-
     score_cols, by = _as_list(score_cols), _as_list(by)
-    _check_columns(df, score_cols + [pair_col, arm_col] + by, "columns")
+    _check_columns(df, score_cols + [pair_col, arm_col] + by + _as_list(group_col), "columns")
     rows = []
     for key, part in _iter_strata(df, by):
-        wide = part.pivot_table(index=pair_col, columns=arm_col, values=score_cols, aggfunc="first")
+        where = f"stratum {_stratum_label(key)}"
+        if set(pd.unique(part[arm_col])) != {0, 1}:
+            raise ValueError(f"{where}: {arm_col!r} must take the values 0 and 1; got {sorted(pd.unique(part[arm_col]))[:5]}")
+        dup = part.duplicated([pair_col, arm_col], keep=False)
+        if dup.any():
+            pair, arm = part.loc[dup, [pair_col, arm_col]].iloc[0].tolist()
+            count = int(((part[pair_col] == pair) & (part[arm_col] == arm)).sum())
+            raise ValueError(f"{where}: pair {pair!r} has {count} rows with {arm_col} = {arm!r} "
+                             f"({int(dup.sum())} duplicated rows in all); a pair needs exactly one row per arm. "
+                             "Drop the duplicates, or give each copy its own pair id.")
+        patient = None
+        if group_col is not None:
+            per_pair = part.groupby(pair_col, sort=True)[group_col].nunique(dropna=False)
+            if (per_pair > 1).any():
+                bad = per_pair.index[per_pair > 1].tolist()[0]
+                raise ValueError(f"{where}: pair {bad!r} spans {int(per_pair.max())} "
+                                 f"patients in {group_col!r}; both arms of a pair must come from one patient.")
+            patient = part.groupby(pair_col, sort=True)[group_col].first()
+        wide = part.pivot(index=pair_col, columns=arm_col, values=score_cols)
         for col in score_cols:
-            if (col, 0) not in wide.columns or (col, 1) not in wide.columns:
-                raise ValueError(f"stratum {_stratum_label(key)}: {arm_col!r} must take the values 0 and 1")
-            d = (wide[(col, 1)] - wide[(col, 0)]).dropna().to_numpy()
+            d = (wide[(col, 1)] - wide[(col, 0)]).dropna()
             n = d.shape[0]
-            wins = float((d > 0).sum() + 0.5 * (d == 0).sum())
-            lo, hi = proportion_confint(wins, n, alpha=1 - ci, method="wilson") if n else (np.nan, np.nan)
-            rows.append({**key, "pooling": col, "within_pair_auc": wins / n if n else np.nan,
-                         "ci_low": lo, "ci_high": hi, "n_pairs": n})
-    return pd.DataFrame(rows)
+            missing = wide.shape[0] - n
+            note = f"{missing} pairs lack an arm or a score and are left out" if missing else ""
+            if n == 0:
+                rows.append({**key, "pooling": col, "within_pair_auc": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                             "n_pairs": 0, "n_groups": 0, "method": "", "note": "no complete pair"})
+                continue
+            w = (d.to_numpy() > 0) + 0.5 * (d.to_numpy() == 0)
+            codes = None if patient is None else _group_codes(patient.reindex(d.index).to_numpy(), n, "pairs")
+            lo, hi, how, extra = _proportion_ci(w, codes, ci)
+            rows.append({**key, "pooling": col, "within_pair_auc": float(w.mean()), "ci_low": lo, "ci_high": hi,
+                         "n_pairs": n, "n_groups": n if codes is None else int(codes.max()) + 1, "method": how,
+                         "note": "; ".join(x for x in (note, extra) if x)})
+    return pd.DataFrame(rows, columns=by + ["pooling", "within_pair_auc", "ci_low", "ci_high", "n_pairs", "n_groups",
+                                            "method", "note"])

@@ -55,12 +55,9 @@ output_dir: str = "book/_generated/figures/box_jitter"  # where figures and tabl
 
 # %%
 
-import numpy as np
-import pandas as pd
-
 import cxrcore
 from cxrcore import report
-from cxrcore.boxes import chestxdet10_controls, jitter_frame, still_overlapping
+from cxrcore.boxes import chestxdet10_controls
 from cxrcore.cohorts import check_cohort
 from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
 from cxrcore.encoders import check_encoders
@@ -122,81 +119,28 @@ for key in encoders:
 # For each (sigma, scale) the lesion and control boxes are jittered independently (their
 # own seeds; the same draws at every sigma, so a box moves further along one direction
 # as sigma grows), kept inside the image, re-pooled from the stored grids, and the probe is
-# refitted with the same image-grouped folds. Each setting's AUC is compared with the
-# unjittered one on the same boxes by a paired test that keeps each image's boxes
-# together (an image-cluster bootstrap of the AUC difference, see
-# `cxrcore.stats.compare_table`); p-values are BH-adjusted over the settings of all encoders.
+# refitted with the same image-grouped folds (`cxrcore.analysis.jitter_probes`). Each
+# setting's AUC is compared with the unjittered one on the same boxes by DeLong's paired
+# test clustered by image (Obuchowski 1997, t reference with Satterthwaite df; see
+# `cxrcore.stats.compare_table`), whose CI of the difference and p come from one
+# statistic; p-values are BH-adjusted over the settings of all encoders.
 
 # %%
-from cxrcore.pooling import roi_local
-from cxrcore.probes import grouped_folds, out_of_fold_scores
-from cxrcore.stats import auc, bootstrap_auc, compare_table
+from cxrcore.analysis import jitter_probes
+from cxrcore.stats import format_p
 
 side = max(max(hw) for hw in hw_of.values())
 scale_px = side / sigma_at_side
-lesion0 = pairs[["x1", "y1", "x2", "y2"]].to_numpy(float)
-y = np.r_[np.ones(len(pairs), int), np.zeros(len(pairs), int)]
-groups = np.r_[pairs["image_id"].to_numpy(), pairs["image_id"].to_numpy()]
-stratum = np.r_[pairs["stratum"].to_numpy(), pairs["stratum"].to_numpy()]
-folds = grouped_folds(y, groups, n_splits=min(n_splits, pairs["image_id"].nunique()), seed=seed)
-position = {i: k for k, i in enumerate(md["image_id"])}
-
-rows, overlap_rows, scores = [], [], {}
-for scale in scale_sigmas:
-    for sigma in sigmas_px:
-        s_px = float(sigma) * scale_px
-        lesion = jitter_frame(pairs, s_px, scale_sigma=scale, seed=seed, image_hw=hw_of.get)
-        control = jitter_frame(pairs, s_px, scale_sigma=scale, seed=seed + 1, image_hw=hw_of.get,
-                               columns=("cx1", "cy1", "cx2", "cy2"))
-        hit = still_overlapping(lesion, lesion0)
-        for st in ("all", "small", "large"):
-            keep = np.ones(len(pairs), bool) if st == "all" else (pairs["stratum"] == st).to_numpy()
-            overlap_rows.append({"sigma_px": sigma, "sigma_image_px": s_px, "scale_sigma": scale, "stratum": st,
-                                 "still_overlapping": float(hit[keep].mean()), "n_boxes": int(keep.sum())})
-        # per image: its lesion boxes, then its controls (rows of y above, regrouped by image)
-        per_image = [[] for _ in range(len(md))]
-        where = [[] for _ in range(len(md))]
-        for k, image_id in enumerate(pairs["image_id"]):
-            per_image[position[image_id]].append(lesion[k].tolist())
-            where[position[image_id]].append(k)
-        for k, image_id in enumerate(pairs["image_id"]):
-            per_image[position[image_id]].append(control[k].tolist())
-            where[position[image_id]].append(len(pairs) + k)
-        order = np.concatenate([w for w in where if w]).astype(int)
-        for key in encoders:
-            grid, geoms = store[key]
-            feats, _ = roi_local(grid, geoms, per_image)
-            X = np.empty_like(feats)
-            X[order] = feats  # back to the row order of y
-            s = scores[key, sigma, scale] = out_of_fold_scores(X, y, groups, folds=folds)
-            b = bootstrap_auc(y, s, n_boot=n_boot, seed=seed, groups=groups)
-            row = {"encoder": key, "sigma_px": sigma, "scale_sigma": scale, "pooling": "roi_local", "auc": b.auc,
-                   "ci_low": b.ci_low, "ci_high": b.ci_high, "still_overlapping": float(hit.mean())}
-            for st in ("small", "large"):
-                keep = stratum == st
-                row[f"auc_{st}"] = auc(y[keep], s[keep]) if 0 < y[keep].sum() < keep.sum() else np.nan
-            rows.append(row)
-table = pd.DataFrame(rows)
-overlap = pd.DataFrame(overlap_rows)
-
-def setting(sigma, scale):
-    return f"sigma {sigma:g}, scale {scale:g}"
-
-
-by_encoder = pd.concat([pd.DataFrame({"encoder": key, "image_id": groups, "label": y,
-                                      **{setting(sg, sc): scores[key, sg, sc] for sg in sigmas_px for sc in scale_sigmas}})
-                        for key in encoders], ignore_index=True)
-# every setting against the unjittered boxes (sigma 0, scale 0)
-pairs_tested = [(setting(sg, sc), setting(0, 0.0)) for sc in scale_sigmas for sg in sigmas_px if (sg, sc) != (0, 0.0)]
-# family: every jittered setting of every encoder on this page; image-cluster bootstrap of the paired difference
-tests = compare_table(by_encoder, [c for p in pairs_tested for c in p], "label", pairs=pairs_tested, by=["encoder"],
-                      group_col="image_id", n_boot=n_boot, seed=seed) if pairs_tested else pd.DataFrame()
-print(f"{len(scores)} (encoder x sigma x scale) probes from {len(encoders)} x {len(md)} forward passes")
+jit = jitter_probes(pairs, store, list(md["image_id"]), hw_of.get, sigmas_px=sigmas_px, scale_sigmas=scale_sigmas,
+                    px_per_sigma=scale_px, n_splits=n_splits, seed=seed, n_boot=n_boot)
+table, overlap, tests = jit.table, jit.overlap, jit.tests
+print(f"{len(jit.scores)} (encoder x sigma x scale) probes from {len(encoders)} x {len(md)} forward passes")
 
 # %% [markdown]
 # ## `roi_local` AUC against jitter
 # Sigma is given in pixels of a `sigma_at_side`-px image (1024 px, the release's size, by
-# default) and scaled to this cohort's images. Bands are 95 % image-cluster bootstrap CIs.
+# default) and scaled to this cohort's images. Bands are 95 % image-cluster bootstrap
+# percentile CIs (`ci_method`; the exact interval where an AUC is 1).
 
 # %%
 import matplotlib.pyplot as plt
@@ -255,8 +199,9 @@ report.publish_figure(fig, "fig-boxjitter-overlap", output_dir)
 # ```
 
 # %%
-shown = table.assign(**{"AUC [95% CI]": report.with_ci(table), "produced_with": provenance})[
-    ["encoder", "sigma_px", "scale_sigma", "AUC [95% CI]", "auc_small", "auc_large", "still_overlapping", "produced_with"]]
+shown = table.assign(**{"AUC [image-cluster bootstrap 95% CI]": report.with_ci(table), "produced_with": provenance})[
+    ["encoder", "sigma_px", "scale_sigma", "AUC [image-cluster bootstrap 95% CI]", "auc_small", "auc_large",
+     "still_overlapping", "note", "produced_with"]]
 report.publish_table(shown, "tab-boxjitter-auc", output_dir)
 report.save_table(table, "tab-boxjitter-auc-raw", output_dir)
 report.publish_table(overlap, "tab-boxjitter-overlap", output_dir)
@@ -268,13 +213,19 @@ shown
 
 # %% [markdown]
 # ## Paired comparison: each jittered setting against no jitter
-# Same boxes, same folds, so the test is paired; `method` says how each row was tested. For small boxes a drop is expected as
-# soon as jitter moves them off the lesion; a flat curve with a falling overlap share
-# would mean the probe reads the surroundings rather than the lesion.
+# Same boxes, same folds, so the test is paired: DeLong's test clustered by image
+# (`method` says which procedure each row used; its CI and p come from one statistic,
+# p-values BH-adjusted over every setting of every encoder). For small boxes a drop is
+# expected as soon as jitter moves them off the lesion; a flat curve with a falling
+# overlap share would mean the probe reads the surroundings rather than the lesion.
 
 # %%
-report.publish_table(tests, "tab-boxjitter-paired", output_dir)
-tests
+shown_tests = tests.assign(**{"p": tests["p_value"].map(format_p), "p (BH)": tests["p_adj"].map(format_p)})[
+    ["encoder", "a", "b", "auc_a", "auc_b", "delta", "ci_low", "ci_high", "df", "p", "p (BH)", "method", "note"]] \
+    if len(tests) else tests
+report.publish_table(shown_tests, "tab-boxjitter-clustered-delong", output_dir)
+report.save_table(tests, "tab-boxjitter-clustered-delong-raw", output_dir)
+shown_tests
 
 # %% [markdown]
 # ## What we did
@@ -283,6 +234,7 @@ tests
 # - Jittered every box with Gaussian centre noise (and, optionally, a log-normal scale),
 #   re-pooled `roi_local` from the stored grids, and refitted the box-level probe per setting.
 # - Reported AUC with image-cluster bootstrap CIs, the share of jittered boxes still on
-#   their lesion, and paired, image-clustered tests against the unjittered boxes (BH-adjusted).
+#   their lesion, and paired DeLong tests clustered by image against the unjittered boxes
+#   (BH-adjusted).
 #
 # Every number on this page was computed by the build that rendered it.

@@ -199,53 +199,18 @@ print(f"{len(md)} images x {len(encoders)} encoders, one forward pass each; {len
 # AUCs get from their shared negatives is carried into the interval. These CIs resample
 # fixed out-of-fold scores: the variability of refitting the probe on other folds is not
 # in them, so an AUC whose CI lies below 0.5 with stand-in encoders is a fold artefact of
-# a probe with nothing to learn, not a signal.
+# a probe with nothing to learn, not a signal. The loop is `cxrcore.analysis.image_strata`:
+# AUC CIs by stratified bootstrap (resampling patients where a patient has several images),
+# gap CIs by the joint bootstrap, and DeLong's paired test of `patch_mean` against `cls`.
 
 # %%
-from cxrcore.probes import grouped_folds, out_of_fold_scores
-from cxrcore.stats import auc, bootstrap_auc, bootstrap_auc_gap, delong, delong_paired, fdr_bh
-from scipy.stats import norm
+from cxrcore.analysis import box_level, image_strata
+from cxrcore.stats import format_p
 
-image_stratum = {c: data.boxes[data.boxes["class"] == c].groupby("image_id")["stratum"]
-                 .agg(lambda s: "large" if (s == "large").any() else "small") for c in classes}
-img_rows, strata_rows, img_tests, oof_img = [], [], [], {}
-for key in encoders:
-    for c in classes:
-        y = md[c].to_numpy().astype(int)
-        groups = md["patient_id"].to_numpy()
-        folds = grouped_folds(y, groups, n_splits=n_splits, seed=seed)
-        stratum = md["image_id"].map(image_stratum[c]).fillna("none").to_numpy()
-        scores = {}
-        for mode in ("cls", "patch_mean"):
-            s = scores[mode] = out_of_fold_scores(emb[key][mode], y, groups, folds=folds)
-            oof_img[key, c, mode] = s
-            b = bootstrap_auc(y, s, n_boot=n_boot, seed=seed)
-            img_rows.append({"encoder": key, "class": c, "pooling": mode, "auc": b.auc, "ci_low": b.ci_low,
-                             "ci_high": b.ci_high, "n_pos": b.n_pos, "n_neg": b.n_neg, "produced_with": provenance})
-            by = {}
-            for st in ("small", "large"):
-                keep = (y == 0) | (stratum == st)
-                enough = (stratum == st).sum() >= 2 and (y == 0).sum() >= 2
-                by[st] = bootstrap_auc(y[keep], s[keep], n_boot=n_boot, seed=seed) if enough else None
-            gap = None
-            if by["small"] is not None and by["large"] is not None:
-                # one joint bootstrap: shared negatives resampled once per replicate for both strata
-                g = bootstrap_auc_gap(y, s, stratum, "large", "small", n_boot=n_boot, seed=seed)
-                gap = (g.gap, g.ci_low, g.ci_high)
-            for st in ("small", "large"):
-                r = by[st]
-                strata_rows.append({"encoder": key, "class": c, "pooling": mode, "stratum": st,
-                                    "auc": np.nan if r is None else r.auc, "ci_low": np.nan if r is None else r.ci_low,
-                                    "ci_high": np.nan if r is None else r.ci_high, "n_pos": int((stratum == st).sum()),
-                                    "gap": np.nan if gap is None else gap[0],
-                                    "gap_low": np.nan if gap is None else gap[1], "gap_high": np.nan if gap is None else gap[2]})
-        d = delong_paired(y, scores["patch_mean"], scores["cls"])
-        img_tests.append({"encoder": key, "class": c, "a": "patch_mean", "b": "cls", "auc_a": d.auc_a, "auc_b": d.auc_b,
-                          "delta": d.delta, "z": d.z, "p_value": d.p_value})
-img_table = pd.DataFrame(img_rows)
-strata = pd.DataFrame(strata_rows)
-img_tests = pd.DataFrame(img_tests)
-img_tests["p_bh"] = fdr_bh(img_tests["p_value"].to_numpy())  # family: every (encoder x class) test on this page
+image = image_strata(md, data.boxes, emb, classes, n_splits=n_splits, seed=seed, n_boot=n_boot)
+img_table = image.aucs.assign(produced_with=provenance)
+strata = image.strata
+img_tests = image.tests  # family for p_bh: every (encoder x class) test on this page
 
 # %% [markdown]
 # ### The stratum gap
@@ -305,42 +270,27 @@ wide
 # ## Box level: `roi_local`, lesion box vs matched control
 # One probe per (encoder, class) on the `roi_local` embeddings of the lesion boxes and
 # their controls; folds are grouped by image, so a lesion and its control are never split
-# between training and test. Both CIs treat the image as the unit: a bootstrap that
-# resamples whole images (a lesion and its control stay together), and DeLong's with
-# Obuchowski's (1997) clustered variance. The DeLong z-test asks whether the AUC differs
-# from 0.5; its p-values are BH-adjusted over the (encoder x class) family.
+# between training and test (`cxrcore.analysis.box_level`). Both CIs treat the image as
+# the unit: an image-cluster bootstrap percentile interval (a lesion and its control stay
+# together), and the clustered DeLong interval (Obuchowski's 1997 variance with a t
+# reference, Satterthwaite df; where the variance is 0, e.g. AUC = 1, the exact
+# Clopper-Pearson interval on boxes from distinct images). The test of AUC = 0.5 is that
+# same clustered DeLong procedure, so its p and the DeLong interval cannot disagree; its
+# p-values are BH-adjusted over the (encoder x class) family and printed down to 1e-16
+# (an approximation's far tail has no accurate digits). `note` says where a class had too
+# few images for the bootstrap or for the variance.
 
 # %%
-box_rows, oof_box = [], {}
-for key in encoders:
-    for c in classes:
-        sel = (roi_rows["class"] == c).to_numpy()
-        sub = roi_rows[sel]
-        y = (sub["kind"] == "lesion").to_numpy().astype(int)
-        groups = sub["image_id"].to_numpy()
-        k = min(n_splits, sub["image_id"].nunique())
-        if k < 2:
-            print(f"{key}, {c}: fewer than 2 images with a box; skipped")
-            continue
-        s = out_of_fold_scores(emb[key]["roi_local"][sel], y, groups, folds=grouped_folds(y, groups, n_splits=k, seed=seed))
-        oof_box[key, c] = s
-        b = bootstrap_auc(y, s, n_boot=n_boot, seed=seed, groups=groups)
-        dl = delong(y, s, groups=groups)  # Obuchowski's clustered variance: boxes of one image are not independent
-        z = (dl.auc - 0.5) / dl.se if dl.se > 0 else np.copysign(np.inf, dl.auc - 0.5)
-        row = {"encoder": key, "class": c, "pooling": "roi_local", "auc": b.auc, "ci_low": b.ci_low, "ci_high": b.ci_high,
-               "delong_low": dl.ci[0], "delong_high": dl.ci[1], "z_vs_chance": z, "p_value": float(2 * norm.sf(abs(z))),
-               "n_boxes": b.n_pos, "n_images": int(sub["image_id"].nunique())}
-        for st in ("small", "large"):
-            keep = (sub["stratum"] == st).to_numpy()
-            row[f"auc_{st}"] = auc(y[keep], s[keep]) if 0 < y[keep].sum() < keep.sum() else np.nan
-        box_rows.append(row)
-box_table = pd.DataFrame(box_rows)
-box_table["p_bh"] = fdr_bh(box_table["p_value"].to_numpy())
-box_table["produced_with"] = provenance
-shown = box_table.assign(**{"AUC [bootstrap 95% CI]": report.with_ci(box_table),
-                            "DeLong 95% CI": report.with_ci(box_table, lo="delong_low", hi="delong_high").str.split(" ", n=1).str[1]})
-shown = shown[["encoder", "class", "AUC [bootstrap 95% CI]", "DeLong 95% CI", "auc_small", "auc_large", "z_vs_chance",
-               "p_bh", "n_boxes", "n_images", "produced_with"]]
+box = box_level(roi_rows, {key: emb[key]["roi_local"] for key in encoders}, classes, n_splits=n_splits, seed=seed,
+                n_boot=n_boot)
+for key, c, reason in box.skipped:
+    print(f"{key}, {c}: {reason}; skipped")
+box_table = box.table.assign(produced_with=provenance)
+shown = box_table.assign(**{"AUC [image-cluster bootstrap 95% CI]": report.with_ci(box_table),
+                            "clustered DeLong 95% CI": report.with_ci(box_table, lo="delong_low", hi="delong_high").str.split(" ", n=1).str[1],
+                            "p vs 0.5 (BH)": box_table["p_bh"].map(format_p)})
+shown = shown[["encoder", "class", "AUC [image-cluster bootstrap 95% CI]", "clustered DeLong 95% CI", "auc_small",
+               "auc_large", "z_vs_chance", "p vs 0.5 (BH)", "n_boxes", "n_images", "note", "produced_with"]]
 report.publish_table(shown, "tab-chestxdet10-box", output_dir)
 report.save_table(box_table, "tab-chestxdet10-box-raw", output_dir)
 shown
@@ -372,12 +322,19 @@ report.write_summary(both.assign(analysis="ChestX-Det10: " + both["class"],
 
 # %% [markdown]
 # ## Paired DeLong at the image level: `patch_mean` against `cls`
-# Same images, same folds. For `dino-resnet50` the two scores are identical (see above), so
-# the difference is exactly 0 and p = 1.
+# Same images, same folds: DeLong's paired test (clustered by patient, Obuchowski 1997 with a
+# t reference, where a patient has several images; `method` says which), whose CI of the
+# difference and p come from one statistic. p-values are BH-adjusted over every (encoder x
+# class) test on this page. For `dino-resnet50` the two scores are identical (see above), so
+# the difference is exactly 0, p = 1 and there is no interval.
 
 # %%
-report.publish_table(img_tests, "tab-chestxdet10-delong", output_dir)
-img_tests
+shown_tests = img_tests.assign(**{"p": img_tests["p_value"].map(format_p), "p (BH)": img_tests["p_bh"].map(format_p)})
+shown_tests = shown_tests[["encoder", "class", "a", "b", "auc_a", "auc_b", "delta", "ci_low", "ci_high", "z", "p",
+                           "p (BH)", "method", "note"]]
+report.publish_table(shown_tests, "tab-chestxdet10-delong", output_dir)
+report.save_table(img_tests, "tab-chestxdet10-delong-raw", output_dir)
+shown_tests
 
 # %% [markdown]
 # ## The paper's numbers beside ours
@@ -418,7 +375,7 @@ exclusions
 # - Encoded each image once per encoder and took `cls`, `patch_mean` and every box's
 #   `roi_local` from that pass.
 # - Probed `cls` and `patch_mean` per class at the image level, with the small-vs-large
-#   stratum gap, and `roi_local` per (encoder x class) at the box level, with bootstrap and
-#   DeLong CIs and BH-adjusted tests.
+#   stratum gap, and `roi_local` per (encoder x class) at the box level, with image-cluster
+#   bootstrap and clustered DeLong CIs and BH-adjusted clustered DeLong tests.
 #
 # Every number on this page was computed by the build that rendered it.

@@ -57,7 +57,7 @@ from cxrcore.extract import encode_panel, read_with_mask
 from cxrcore.perturb import load_panel, panel_examples
 from cxrcore.pooling import POOLING_MODES
 from cxrcore.probes import out_of_fold_table
-from cxrcore.stats import auc_table, compare_table, within_pair_table
+from cxrcore.stats import auc_table, compare_table, format_p, within_pair_table
 
 check_encoders(encoders)
 check_cohort(cohort)
@@ -128,7 +128,10 @@ oof = pd.concat(oof, ignore_index=True)
 
 # %% [markdown]
 # ## AUC per encoder, cell and pooling mode
-# Bootstrap 95% CIs resample patients (a base image and its perturbed copy together).
+# 95% CIs by patient-cluster bootstrap (percentile): whole patients are resampled, a base
+# image and its perturbed copy together; where an AUC is 1 every replicate is 1, and the
+# interval is instead the exact Clopper-Pearson one on pairs from distinct patients
+# (`method` column of the raw table).
 
 # %%
 table = auc_table(oof, list(POOLING_MODES), "arm", by=["encoder", "cell"], score_name="pooling",
@@ -162,12 +165,14 @@ shown
 # the pooled AUC stays near 0.5 even if every pair moves the same way; it then measures the
 # design as much as the embedding. The within-pair AUC (the share of pairs in which the
 # perturbed copy scores higher than its own unperturbed image, Wilson 95% CI) asks only
-# whether the change is seen. Read the two together: a chance-level pooled AUC with a high
+# whether the change is seen; its CI is the Wilson interval, on the design-effect effective
+# number of pairs where a patient holds several pairs (`method`). Read the two together: a chance-level pooled AUC with a high
 # within-pair AUC means the signal is in the embedding but drowned by image-to-image
 # variation; both near 0.5 means it is not there for a linear probe.
 
 # %%
-within = within_pair_table(oof.assign(pair=oof["image_id"]), list(POOLING_MODES), "pair", by=["encoder", "cell"])
+within = within_pair_table(oof.assign(pair=oof["image_id"]), list(POOLING_MODES), "pair", by=["encoder", "cell"],
+                           group_col="patient_id")
 within["produced_with"] = provenance
 shown_within = within.assign(**{"within-pair AUC [95% CI]": report.with_ci(within, est="within_pair_auc")}).pivot_table(
     index=["encoder", "cell"], columns="pooling", values="within-pair AUC [95% CI]", aggfunc="first", sort=False).reset_index()
@@ -178,16 +183,24 @@ shown_within
 
 # %% [markdown]
 # ## Paired comparisons: `roi_local` and `patch_mean` against `cls`
-# Same images and folds for both modes; the difference's CI and p-value come from a
-# patient-cluster bootstrap of the paired difference. p-values are Benjamini-Hochberg
-# adjusted within each family: one family per comparison (`roi_local` vs `cls`,
-# `patch_mean` vs `cls`) over all encoders and cells, declared here before looking.
+# Same images and folds for both modes. Each patient holds both arms, so the test is
+# DeLong's paired test clustered by patient (Obuchowski 1997: the within-patient
+# covariance enters the variance; t reference with Satterthwaite df); the difference's CI
+# and the p-value come from that one statistic, so they cannot disagree. Where the
+# variance of the difference is 0 (e.g. `roi_local` at AUC 1 against a constant score) the
+# p is the exact paired-swap permutation p and there is no interval (`method`, `note`).
+# p-values are Benjamini-Hochberg adjusted within each family: one family per comparison
+# (`roi_local` vs `cls`, `patch_mean` vs `cls`) over all encoders and cells, declared here
+# before looking, and printed down to 1e-16.
 
 # %%
 tests = compare_table(oof, list(POOLING_MODES), "arm", pairs=[("roi_local", "cls"), ("patch_mean", "cls")],
-                      by=["encoder", "cell"], family=["a", "b"], group_col="patient_id", n_boot=n_boot, seed=seed)
-report.publish_table(tests, "tab-perturbation-delong", output_dir, floatfmt="{:.3g}")
-tests
+                      by=["encoder", "cell"], family=["a", "b"], group_col="patient_id", seed=seed)
+shown_tests = tests.assign(**{"p": tests["p_value"].map(format_p), "p (BH)": tests["p_adj"].map(format_p)})[
+    ["encoder", "cell", "a", "b", "auc_a", "auc_b", "delta", "ci_low", "ci_high", "df", "p", "p (BH)", "method", "note"]]
+report.publish_table(shown_tests, "tab-perturbation-clustered-delong", output_dir)
+report.save_table(tests, "tab-perturbation-clustered-delong-raw", output_dir)
+shown_tests
 
 # %% [markdown]
 # ## Per-model mean improvement of `roi_local` over `cls`
@@ -245,6 +258,7 @@ exclusions
 # - Perturbed every base image in every cell of the panel, keeping the box, and encoded each image once per encoder.
 # - Read `cls`, `patch_mean` and `roi_local` from that one pass; probed each cell and mode with the same
 #   patient-grouped folds; bootstrapped every AUC by patient.
-# - Compared `roi_local` and `patch_mean` with `cls` pairwise (BH-adjusted) and summarised the per-model improvement.
+# - Compared `roi_local` and `patch_mean` with `cls` by DeLong's paired test clustered by patient (BH-adjusted)
+#   and summarised the per-model improvement.
 #
 # Every number on this page was computed by the build that rendered it.

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
+from scipy.stats import t as t_dist
 from sklearn.metrics import roc_auc_score
 
 from cxrcore import stats
@@ -241,7 +242,10 @@ def test_both_perfect_gives_z0_p1():
     r = stats.delong_paired(y, a, a * 2 + 1)
     assert r.auc_a == r.auc_b == 1.0 and (r.z, r.p_value) == (0.0, 1.0)
     d = stats.delong(y, a)
-    assert d.variance == 0.0 and d.ci == (1.0, 1.0)
+    # variance 0, but the interval does not collapse: exact bound on min(m, n) disjoint pairs
+    k = min(d.n_pos, d.n_neg)
+    assert d.variance == 0.0 and d.method == "exact_pairs"
+    assert d.ci == pytest.approx((0.025 ** (1 / k), 1.0), rel=1e-12) and d.ci[0] < 1.0
 
 
 def test_extreme_z_does_not_underflow():
@@ -306,14 +310,15 @@ def test_property_matches_reference(data):
     r = stats.delong_paired(y, a, b)
     assert r.auc_a == pytest.approx(auc_a, abs=1e-12) and r.auc_b == pytest.approx(auc_b, abs=1e-12)
     np.testing.assert_allclose(r.cov, cov, rtol=1e-9, atol=1e-14)
-    if math.isinf(z):
-        assert r.z == z and r.p_value == 0.0
+    if math.isinf(z):  # variance 0, difference not: no Wald z; an exact paired-swap p instead
+        assert math.isnan(r.z) and r.method == "paired_swap" and 0.0 < r.p_value <= 1.0
     else:
         assert r.z == pytest.approx(z, rel=1e-7, abs=1e-7)
     assert 0.0 <= r.p_value <= 1.0
     # swapping the arguments flips the sign only
     s = stats.delong_paired(y, b, a)
-    assert s.z == pytest.approx(-r.z, abs=1e-12) if math.isfinite(r.z) else s.z == -r.z
+    if math.isfinite(r.z):
+        assert s.z == pytest.approx(-r.z, abs=1e-12)
     assert s.p_value == pytest.approx(r.p_value, abs=1e-12)
 
 
@@ -329,11 +334,25 @@ def test_property_auc_symmetry_and_invariance(data):
     assert stats.auc(y, 3.0 * a + 7.0) == v  # strictly increasing maps keep the ranks
 
 
-def test_nonzero_difference_with_zero_variance_is_infinite_z():
-    # a separates perfectly (AUC 1), b is constant (AUC 0.5): both variances are 0.
+def test_nonzero_difference_with_zero_variance_gets_the_exact_paired_swap_p():
+    # a separates perfectly (AUC 1), b is constant (AUC 0.5): both variances are 0. The old
+    # code returned z = inf, p = 0. Swapping a and b within rows: 16 of the 64 patterns reach
+    # |difference| >= 0.5, so the exact two-sided p is 0.25.
     y = np.array([0, 0, 0, 1, 1, 1])
     r = stats.delong_paired(y, [0, 1, 2, 3, 4, 5], np.zeros(6))
-    assert r.z == math.inf and r.p_value == 0.0 and r.log10_p == -math.inf
+    assert r.method == "paired_swap" and r.p_value == pytest.approx(0.25, abs=1e-15)
+    assert r.log10_p == pytest.approx(math.log10(0.25)) and math.isnan(r.z)
+    assert all(math.isnan(c) for c in r.ci) and "64 swap patterns" in r.note
+    # the same by brute force, independently
+    import itertools
+
+    a, b = np.arange(6.0), np.zeros(6)
+    hits = 0
+    for swap in itertools.product([False, True], repeat=6):
+        sw = np.array(swap)
+        a2, b2 = np.where(sw, b, a), np.where(sw, a, b)
+        hits += abs(roc_auc_score(y, a2) - roc_auc_score(y, b2)) >= 0.5
+    assert hits / 64 == 0.25
 
 
 # -- bootstrap -------------------------------------------------------------------------------
@@ -402,10 +421,14 @@ def test_bootstrap_spread_agrees_with_delong_se():
 
 def test_bootstrap_perfect_separation_and_identical_scores():
     y, a, _ = make_data("perfect")
+    k = min(int(y.sum()), int((y == 0).sum()))
     for method in ("percentile", "bca"):
         r = stats.bootstrap_auc(y, a, a + 1.0, n_boot=200, method=method)
-        assert (r.ci_low, r.ci_high) == (1.0, 1.0)
-        assert (r.diff_ci_low, r.diff_ci_high) == (0.0, 0.0)
+        # every replicate is 1, so the percentile interval would be [1, 1]: the exact bound instead
+        assert r.method == "exact_pairs" and "exact" in r.note
+        assert (r.ci_low, r.ci_high) == pytest.approx((0.025 ** (1 / k), 1.0), rel=1e-12)
+        assert (r.ci_low_b, r.ci_high_b) == pytest.approx((r.ci_low, r.ci_high))
+        assert (r.diff_ci_low, r.diff_ci_high) == (0.0, 0.0)  # identical rankings: the difference is 0 exactly
 
 
 @pytest.mark.parametrize("method", ["percentile", "bca"])
@@ -657,7 +680,12 @@ def _clustered(seed=0, n_pat=300):
 
 
 def _obuchowski_naive(y, s, g):
-    """Obuchowski 1997 eqs. written out with the O(M N) kernel matrix (independent of the library)."""
+    """Obuchowski 1997 eqs. written out with the O(M N) kernel matrix (independent of the library).
+
+    S10 is scaled by I10 / (I10 - 1) and S01 by I01 / (I01 - 1), I10 and I01 the clusters with a
+    positive and with a negative unit; only S11 takes I / (I - 1). (This reference used I / (I - 1)
+    for all three, which understated the variance when positive patients are few.)
+    """
     y = np.asarray(y).astype(bool)
     X, Y = s[y], s[~y]
     psi = (X[:, None] > Y[None, :]) + 0.5 * (X[:, None] == Y[None, :])
@@ -670,8 +698,9 @@ def _obuchowski_naive(y, s, g):
     VY = np.array([vy[g[~y] == c].sum() for c in clusters])
     mi = np.array([(g[y] == c).sum() for c in clusters])
     ni = np.array([(g[~y] == c).sum() for c in clusters])
-    S10 = I / ((I - 1) * M) * ((VX - mi * theta) ** 2).sum()
-    S01 = I / ((I - 1) * N) * ((VY - ni * theta) ** 2).sum()
+    I10, I01 = (mi > 0).sum(), (ni > 0).sum()
+    S10 = I10 / ((I10 - 1) * M) * ((VX - mi * theta) ** 2).sum()
+    S01 = I01 / ((I01 - 1) * N) * ((VY - ni * theta) ** 2).sum()
     S11 = I / (I - 1) * ((VX - mi * theta) * (VY - ni * theta)).sum()
     return theta, S10 / M + S01 / N + 2 * S11 / (M * N)
 
@@ -682,12 +711,12 @@ def test_clustered_delong_matches_obuchowski_formula():
     r = stats.delong(y, a, groups=g)
     theta, var = _obuchowski_naive(y, a, g)
     assert r.auc == pytest.approx(theta, abs=1e-12) and r.variance == pytest.approx(var, rel=1e-10)
-    # one image per patient: Obuchowski's I/(I-1) factor instead of DeLong's (m-1, n-1), nearly equal
+    # one image per patient: I10 = m and I01 = n, so the variance is DeLong's exactly
     rng = np.random.default_rng(2)
     y1 = (rng.random(400) < 0.3).astype(int)
     s1 = y1 + rng.normal(size=400)
     ratio = stats.delong(y1, s1, groups=np.arange(400)).variance / stats.delong(y1, s1).variance
-    assert ratio == pytest.approx(1.0, abs=0.01)
+    assert ratio == pytest.approx(1.0, rel=1e-12)
 
 
 def test_clustered_delong_agrees_with_the_cluster_bootstrap():
@@ -710,18 +739,20 @@ def test_auc_table_delong_uses_the_patient_groups():
     assert tab.ci_high.iloc[0] - tab.ci_low.iloc[0] > plain.ci_high.iloc[0] - plain.ci_low.iloc[0]
 
 
-def test_compare_table_cluster_bootstrap_with_patient_groups():
+def test_compare_table_clustered_delong_with_patient_groups():
     y, a, b, g = _clustered(5, n_pat=200)
     df = pd.DataFrame({"label": y, "patch_mean": a, "cls": b, "pid": g})
-    tab = stats.compare_table(df, ["cls", "patch_mean"], "label", group_col="pid", n_boot=1000, seed=7)
+    tab = stats.compare_table(df, ["cls", "patch_mean"], "label", group_col="pid")
     row = tab.iloc[0]
-    assert row.method == "cluster_bootstrap" and row.n_boot == 1000 and row.n_groups == 200
-    ref = stats.bootstrap_auc(y, a, score_b=b, groups=g, n_boot=1000, seed=stats._stratum_seed(7, {}, "patch_mean vs cls"))
-    d = ref.replicates[:, 0] - ref.replicates[:, 1]
-    assert (row.ci_low, row.ci_high) == pytest.approx(ref.diff_ci, abs=1e-12)
-    assert row.delta == pytest.approx(ref.difference) and row.se == pytest.approx(d.std(ddof=1))
-    assert row.z == pytest.approx(row.delta / row.se)
-    assert row.p_value == pytest.approx(2 * norm.sf(abs(row.z))) and row.log10_p == pytest.approx(math.log10(row.p_value))
+    assert row.method == "delong_clustered" and row.n_groups == 200
+    ref = stats.delong_paired(y, a, b, groups=g)
+    assert (row.ci_low, row.ci_high) == pytest.approx(ref.ci, abs=1e-15)
+    assert (row.delta, row.se, row.z, row.p_value, row.df) == pytest.approx((ref.delta, ref.se_delta, ref.z, ref.p_value, ref.df))
+    # one procedure: the CI is delta +/- t_{df} * se, the p the same t's tail
+    q = t_dist.ppf(0.975, row.df)
+    assert (row.ci_low, row.ci_high) == pytest.approx((row.delta - q * row.se, row.delta + q * row.se), rel=1e-12)
+    assert row.p_value == pytest.approx(2 * t_dist.sf(abs(row.z), row.df), rel=1e-12)
+    assert row.log10_p == pytest.approx(math.log10(row.p_value))
     # the clustered SE is larger than DeLong's, which treats every image as its own patient
     plain = stats.compare_table(df, ["cls", "patch_mean"], "label").iloc[0]
     assert plain.method == "delong" and row.se > 1.1 * plain.se and row.delta == pytest.approx(plain.delta)
@@ -735,9 +766,10 @@ def test_compare_table_one_image_per_patient_stays_delong_and_tiny_p_is_printabl
     tab = stats.compare_table(df, ["cls", "roi_local"], "label", group_col="pid")
     ref = stats.delong_paired(y, df.roi_local, df.cls)
     row = tab.iloc[0]
-    assert row.method == "delong" and row.n_boot == 0
+    assert row.method == "delong" and math.isinf(row.df)
     assert (row.z, row.p_value, row.log10_p) == (ref.z, ref.p_value, ref.log10_p)
     assert row.p_value == 0.0 and np.isfinite(row.log10_p) and row.log10_p < -300
+    assert stats.format_p(row.p_value) == "< 1e-16"  # what the book prints, not 1e-300
     assert row.ci_low == pytest.approx(ref.delta - 1.959963984540054 * ref.se_delta)
 
 
@@ -798,3 +830,395 @@ def test_within_pair_auc_counts_pairs_not_images():
     assert 0.9 < t.loc[0, "ci_low"] < 1.0
     with pytest.raises(ValueError, match="0 and 1"):
         stats.within_pair_table(df.assign(arm=df["arm"] + 1), ["s"], "pid")
+
+
+# -- issue 12, item 7: Obuchowski's clustered variance against iMRMC's doAUCcluster ---------
+def imrmc_do_auc_cluster(predictor1, response, cluster_id, predictor2=None):
+    """iMRMC's doAUCcluster (R; github.com/DIDSR/iMRMC, Obuchowski 1997), transcribed statement
+    by statement: kernels by loops, clusters in order of appearance, no placements or sorting."""
+    from statistics import NormalDist
+
+    def kern(x1, x0):
+        return 1.0 if x1 > x0 else (0.5 if x1 == x0 else 0.0)
+
+    def V10(Xi, Ys):
+        return sum(kern(Xi, y) for y in Ys) / len(Ys)
+
+    def V01(Xs, Yi):
+        return sum(kern(x, Yi) for x in Xs) / len(Xs)
+
+    def getAUC(Xs, Ys):
+        return sum(kern(x, y) for x in Xs for y in Ys) / (len(Xs) * len(Ys))
+
+    present, absent = 1, 0
+    ids = list(dict.fromkeys(cluster_id))
+    I = len(ids)
+    I01 = len({c for c, r in zip(cluster_id, response) if r == absent})
+    I10 = len({c for c, r in zip(cluster_id, response) if r == present})
+    m = [sum(1 for c, r in zip(cluster_id, response) if c == ids[i] and r == present) for i in range(I)]
+    n = [sum(1 for c, r in zip(cluster_id, response) if c == ids[i] and r == absent) for i in range(I)]
+    M, N = sum(m), sum(n)
+
+    def comps(pred):
+        X = [p for p, r in zip(pred, response) if r == present]
+        Y = [p for p, r in zip(pred, response) if r == absent]
+        Xc, Yc = [], []
+        for i in range(I):
+            xi = [p for p, c, r in zip(pred, cluster_id, response) if c == ids[i] and r == present]
+            yi = [p for p, c, r in zip(pred, cluster_id, response) if c == ids[i] and r == absent]
+            Xc.append(0.0 if m[i] == 0 else sum(V10(x, Y) for x in xi))
+            Yc.append(0.0 if n[i] == 0 else sum(V01(X, y) for y in yi))
+        return getAUC(X, Y), Xc, Yc
+
+    def S(u, v, w, z, factor, denom):
+        return factor / denom * sum((a - b) * (c - d) for a, b, c, d in zip(u, v, w, z))
+
+    auc1, X1, Y1 = comps(predictor1)
+    mA1, nA1 = [mi * auc1 for mi in m], [ni * auc1 for ni in n]
+    var_1 = (S(X1, mA1, X1, mA1, I10 / (I10 - 1), M) / M + S(Y1, nA1, Y1, nA1, I01 / (I01 - 1), N) / N
+             + 2 * S(X1, mA1, Y1, nA1, I / (I - 1), 1.0) / (M * N))
+    out = {"auc_1": auc1, "var_1": var_1, "I": I, "I10": I10, "I01": I01}
+    if predictor2 is None:
+        return out
+    auc2, X2, Y2 = comps(predictor2)
+    mA2, nA2 = [mi * auc2 for mi in m], [ni * auc2 for ni in n]
+    var_2 = (S(X2, mA2, X2, mA2, I10 / (I10 - 1), M) / M + S(Y2, nA2, Y2, nA2, I01 / (I01 - 1), N) / N
+             + 2 * S(X2, mA2, Y2, nA2, I / (I - 1), 1.0) / (M * N))
+    cov_12 = (S(X1, mA1, X2, mA2, I10 / (I10 - 1), M) / M + S(Y1, nA1, Y2, nA2, I01 / (I01 - 1), N) / N
+              + S(X1, mA1, Y2, nA2, I / (I - 1), 1.0) / (M * N) + S(X2, mA2, Y1, nA1, I / (I - 1), 1.0) / (M * N))
+    var_d = var_1 + var_2 - 2 * cov_12
+    p = 2 * (1 - NormalDist().cdf(abs(auc1 - auc2) / var_d**0.5))
+    out.update(auc_2=auc2, var_2=var_2, cov_12=cov_12, var_AminusB=var_d, p_normal=p)
+    return out
+
+
+# A worked example: 7 patients, mixed ones (A, B, F, G), one-class ones (C, D, E) and ties.
+# The numbers were printed by the transcription above and are pinned here, so a change to
+# either side shows.
+WORKED = dict(
+    cluster=["A", "A", "A", "B", "B", "B", "C", "D", "E", "E", "F", "F", "G", "G"],
+    y=[1, 1, 0, 1, 0, 0, 0, 1, 0, 0, 1, 0, 1, 0],
+    p1=[0.9, 0.6, 0.3, 0.4, 0.5, 0.2, 0.6, 0.8, 0.1, 0.4, 0.3, 0.3, 0.7, 0.5],
+    p2=[0.7, 0.2, 0.4, 0.6, 0.5, 0.1, 0.3, 0.9, 0.2, 0.6, 0.5, 0.4, 0.3, 0.3],
+)
+WORKED_IMRMC = {"auc_1": 0.8125, "var_1": 0.014295789930555554, "I": 7, "I10": 5, "I01": 6, "auc_2": 0.71875,
+                "var_2": 0.01315104166666667, "cov_12": -0.006537091290509261, "var_AminusB": 0.04052101417824075,
+                "p_normal": 0.6414111486165115}
+
+
+def test_clustered_delong_matches_imrmc_doAUCcluster_on_a_worked_example():
+    w = WORKED
+    ref = imrmc_do_auc_cluster(w["p1"], w["y"], w["cluster"], w["p2"])
+    assert ref == pytest.approx(WORKED_IMRMC, rel=1e-12)
+    one = stats.delong(w["y"], w["p1"], groups=w["cluster"])
+    assert one.auc == pytest.approx(ref["auc_1"], rel=1e-15)
+    assert one.variance == pytest.approx(ref["var_1"], rel=1e-12)  # the old I/(I-1) factors gave 0.0139
+    two = stats.delong_paired(w["y"], w["p1"], w["p2"], groups=w["cluster"])
+    assert two.cov[0, 0] == pytest.approx(ref["var_1"], rel=1e-12)
+    assert two.cov[1, 1] == pytest.approx(ref["var_2"], rel=1e-12)
+    assert two.cov[0, 1] == pytest.approx(ref["cov_12"], rel=1e-12)
+    assert two.se_delta**2 == pytest.approx(ref["var_AminusB"], rel=1e-12)
+    # doAUCcluster refers z to the normal; we refer it to t with Satterthwaite df (its size with
+    # few patients, below), so only the z agrees, and the p follows from z and df
+    assert two.z == pytest.approx((ref["auc_1"] - ref["auc_2"]) / ref["var_AminusB"] ** 0.5, rel=1e-12)
+    assert 2 * norm.sf(abs(two.z)) == pytest.approx(ref["p_normal"], rel=1e-9)
+    assert two.p_value == pytest.approx(2 * t_dist.sf(abs(two.z), two.df), rel=1e-12)
+    assert 4 <= two.df <= 5 + 6 - 2
+    # with the normal reference, every number of doAUCcluster
+    same = stats.delong_paired(w["y"], w["p1"], w["p2"], groups=w["cluster"], reference="normal")
+    assert same.p_value == pytest.approx(ref["p_normal"], rel=1e-9) and math.isinf(same.df)
+    one_n = stats.delong(w["y"], w["p1"], groups=w["cluster"], reference="normal")
+    half = norm.ppf(0.975) * ref["var_1"] ** 0.5
+    # (doAUCcluster does not clip at 1; we clip as pROC does)
+    assert one_n.ci == pytest.approx((ref["auc_1"] - half, min(1.0, ref["auc_1"] + half)), rel=1e-12)
+    assert one.ci[1] - one.ci[0] > one_n.ci[1] - one_n.ci[0]  # the t reference is wider
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clustered_delong_matches_imrmc_on_random_clusters(seed):
+    rng = np.random.default_rng(seed)
+    n_pat = 25
+    k = rng.integers(1, 4, n_pat)
+    g = np.repeat(np.arange(n_pat), k)
+    y = (rng.random(g.size) < 0.35).astype(int)
+    a = np.round(y + rng.normal(size=g.size) + rng.normal(size=n_pat)[g], 1)
+    b = np.round(0.5 * y + rng.normal(size=g.size), 1)
+    ref = imrmc_do_auc_cluster(a.tolist(), y.tolist(), g.tolist(), b.tolist())
+    r = stats.delong_paired(y, a, b, groups=g)
+    assert r.cov[0, 0] == pytest.approx(ref["var_1"], rel=1e-10)
+    assert r.cov[0, 1] == pytest.approx(ref["cov_12"], rel=1e-10, abs=1e-15)
+    assert r.se_delta**2 == pytest.approx(ref["var_AminusB"], rel=1e-10)
+    assert stats.delong(y, b, groups=g).variance == pytest.approx(ref["var_2"], rel=1e-10)
+
+
+def test_clustered_variance_is_delong_with_one_image_per_patient_and_few_positives():
+    # 5 positives among 500 one-image patients: the old factor I/(I-1) = 500/499 on the
+    # positive side instead of 5/4 understated the variance (ratio 0.82).
+    rng = np.random.default_rng(0)
+    y = np.zeros(500, int)
+    y[:5] = 1
+    s = y + rng.normal(size=500)
+    plain, clustered = stats.delong(y, s), stats.delong(y, s, groups=np.arange(500))
+    assert clustered.variance == pytest.approx(plain.variance, rel=1e-12)
+    assert clustered.df < 10  # few positives: the t reference widens the interval
+    ref = imrmc_do_auc_cluster(s.tolist(), y.tolist(), list(range(500)))
+    assert clustered.variance == pytest.approx(ref["var_1"], rel=1e-10)
+
+
+def test_clustered_variance_with_two_positive_patients():
+    # two patients hold all positives (several images each): the old code's variance was 0.59x the reference
+    rng = np.random.default_rng(3)
+    g = np.r_[np.zeros(4), np.ones(3), np.arange(2, 60).repeat(2)].astype(int)
+    y = (g < 2).astype(int)
+    s = y + rng.normal(size=g.size) + rng.normal(size=60)[g]
+    ref = imrmc_do_auc_cluster(s.tolist(), y.tolist(), g.tolist())
+    r = stats.delong(y, s, groups=g)
+    assert ref["I10"] == 2 and r.variance == pytest.approx(ref["var_1"], rel=1e-10)
+    assert r.df == pytest.approx(1.0, abs=0.5)  # the positive side dominates: about I10 - 1 df
+
+
+def test_clustered_delong_is_not_estimable_with_every_positive_in_one_patient():
+    rng = np.random.default_rng(1)
+    g = np.r_[np.zeros(6, int), np.arange(1, 41)]
+    y = (g == 0).astype(int)
+    s = y + rng.normal(size=g.size)
+    with pytest.raises(stats.NotEstimable, match=r"all 6 positive rows are in 1 patient.*I10 = 1"):
+        stats.delong(y, s, groups=g)
+    with pytest.raises(stats.NotEstimable, match="I10 = 1"):
+        stats.delong_paired(y, s, rng.normal(size=g.size), groups=g)
+    df = pd.DataFrame({"label": y, "roi_local": s, "cls": rng.normal(size=g.size), "pid": g})
+    tab = stats.auc_table(df, ["roi_local"], "label", method="delong", group_col="pid")
+    row = tab.iloc[0]
+    assert row.auc == stats.auc(y, s) and np.isnan(row.ci_low) and np.isnan(row.ci_high)
+    assert row.note.startswith("not estimable") and "I10 = 1" in row.note
+    cmp = stats.compare_table(df, ["cls", "roi_local"], "label", group_col="pid").iloc[0]
+    assert np.isnan(cmp.p_value) and np.isnan(cmp.ci_low) and cmp.note.startswith("not estimable")
+    assert cmp.delta == pytest.approx(stats.auc(y, s) - stats.auc(y, df.cls))
+    assert stats.format_p(cmp.p_value) == "not estimable"
+
+
+# -- item 8: few patients, and p and CI from one procedure -------------------------------------
+def _few_positive_patients(rng, n_pat=60, prev=0.15):
+    """Patients with 1-4 images, ~9 of 60 positive, a shared patient effect; a and b equal AUC."""
+    k = rng.integers(1, 5, n_pat)
+    g = np.repeat(np.arange(n_pat), k)
+    y = (rng.random(n_pat) < prev)[g].astype(int)
+    u = rng.normal(size=n_pat)[g]
+    a = 0.8 * y + u + 0.5 * rng.normal(size=g.size) + 0.5 * rng.normal(size=n_pat)[g]
+    b = 0.8 * y + u + 0.5 * rng.normal(size=g.size) + 0.5 * rng.normal(size=n_pat)[g]
+    return y, a, b, g
+
+
+def test_clustered_paired_test_holds_its_size_with_few_positive_patients():
+    # The patient-cluster bootstrap z-test rejected ~9-10% of these true nulls at 0.05 and
+    # a normal reference for the Obuchowski z ~7.5%; the t reference with Satterthwaite df
+    # rejects ~5% (benchmarks/sim_stats.py prints these rates with more samples).
+    rng = np.random.default_rng(2024)
+    rejected, disagree, done = 0, 0, 0
+    while done < 800:
+        y, a, b, g = _few_positive_patients(rng)
+        if len(np.unique(g[y == 1])) < 3:
+            continue
+        r = stats.delong_paired(y, a, b, groups=g)
+        rejected += r.p_value < 0.05
+        disagree += (r.p_value < 0.05) != (not r.ci[0] <= 0.0 <= r.ci[1])
+        done += 1
+    assert disagree == 0
+    assert 0.03 <= rejected / done <= 0.07
+
+
+def test_compare_table_p_and_ci_never_disagree():
+    rng = np.random.default_rng(7)
+    frames = []
+    for s in range(60):
+        y, a, b, g = _few_positive_patients(rng, n_pat=40, prev=0.3)
+        frames.append(pd.DataFrame({"sim": s, "label": y, "a": a + 0.4 * y * (s % 3 == 0), "b": b, "pid": g}))
+    df = pd.concat(frames, ignore_index=True)
+    for level in (0.95, 0.9):
+        tab = stats.compare_table(df, ["b", "a"], "label", by=["sim"], group_col="pid", ci=level)
+        ok = tab.p_value.notna()
+        excludes = ~((tab.ci_low <= 0) & (0 <= tab.ci_high))
+        assert ((tab.p_value < 1 - level) == excludes)[ok].all()
+        assert (tab.method == "delong_clustered").all() and (tab.df > 1).all()
+
+
+def test_cluster_bootstrap_requires_patients_per_class_and_warns_below_twenty():
+    rng = np.random.default_rng(4)
+    # 3 positive patients with 10 images each: 30 positive rows, but only 3 patients
+    g = np.r_[np.repeat(np.arange(3), 10), np.arange(3, 80)]
+    y = (g < 3).astype(int)
+    s = y + rng.normal(size=g.size)
+    with pytest.raises(stats.NotEstimable, match=r"3 clusters \(groups\) with a positive row.*at least 5 of each.*delong"):
+        stats.bootstrap_auc(y, s, groups=g, n_boot=50)
+    g8 = np.r_[np.repeat(np.arange(8), 3), np.arange(8, 80)]
+    y8 = (g8 < 8).astype(int)
+    with pytest.warns(stats.FewClustersWarning, match=r"8 clusters \(groups\) with a positive row.*fewer than 20"):
+        stats.bootstrap_auc(y8, y8 + rng.normal(size=g8.size), groups=g8, n_boot=50)
+    # without groups the rows are the units, as before
+    stats.bootstrap_auc(y, s, n_boot=50)
+    # the table keeps the AUC, says why there is no interval, and warns once
+    df = pd.DataFrame({"label": y, "s": s, "pid": g})
+    tab = stats.auc_table(df, ["s"], "label", group_col="pid", n_boot=50)
+    assert np.isnan(tab.ci_low.iloc[0]) and "not estimable" in tab.note.iloc[0] and tab.auc.iloc[0] == stats.auc(y, s)
+
+
+# -- item 9: zero variance -----------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["wald", "logit"])
+def test_perfect_separation_interval_does_not_collapse(method):
+    y = np.array([0, 0, 0, 1, 1, 1])
+    r = stats.delong(y, [0, 1, 2, 3, 4, 5], method=method)
+    # exact: 3 disjoint pairs all concordant happen with chance <= AUC^3, so the lower
+    # limit is 0.025^(1/3); p against 0.5 is 2 * 0.5^3
+    assert r.method == "exact_pairs" and r.ci == pytest.approx((0.025 ** (1 / 3), 1.0), rel=1e-12)
+    assert r.p_value == pytest.approx(0.25, rel=1e-12) and math.isnan(r.z)
+    lo, hi = stats.delong([1, 1, 1, 0, 0, 0], [0, 1, 2, 3, 4, 5], method=method).ci  # AUC 0 mirrors it
+    assert (lo, hi) == pytest.approx((0.0, 1 - 0.025 ** (1 / 3)), rel=1e-12)
+    # Clopper-Pearson from scipy's binomtest on k successes of k
+    from scipy.stats import binomtest
+
+    assert r.ci[0] == pytest.approx(binomtest(3, 3).proportion_ci(0.95, method="exact").low, rel=1e-10)
+
+
+def test_exact_interval_covers_a_true_auc_near_one():
+    # true AUC 0.995 (binormal, d = 3.65): most samples of 12 + 12 separate perfectly
+    rng = np.random.default_rng(11)
+    d = 3.65
+    true = norm.cdf(d / math.sqrt(2))
+    hits, exact = 0, 0
+    for _ in range(400):
+        y = np.r_[np.zeros(12, int), np.ones(12, int)]
+        r = stats.delong(y, rng.normal(size=24) + d * y)
+        hits += r.ci[0] <= true <= r.ci[1]
+        exact += r.method == "exact_pairs"
+    assert exact > 200 and hits / 400 >= 0.93
+
+
+def test_clustered_exact_interval_uses_pairs_that_share_no_patient():
+    # 4 patients, each one negative and one positive image, perfectly separated: 2 disjoint pairs
+    g = np.repeat(np.arange(4), 2)
+    y = np.tile([0, 1], 4)
+    s = y * 10.0 + np.arange(8)
+    r = stats.delong(y, s, groups=g)
+    assert r.method == "exact_pairs" and r.ci[0] == pytest.approx(0.025 ** (1 / 2), rel=1e-12)
+    with pytest.warns(stats.FewClustersWarning):  # 12 patients
+        b = stats.bootstrap_auc(np.tile(y, 3), np.tile(s, 3), groups=np.r_[g, g + 4, g + 8], n_boot=50)
+    assert b.method == "exact_pairs" and b.ci_low == pytest.approx(0.025 ** (1 / 6), rel=1e-12)
+
+
+def test_paired_swap_p_by_monte_carlo_beyond_twelve_units():
+    # 13 rows: the Monte Carlo p lands within its sampling error of the exact one (8,192 patterns)
+    import itertools
+
+    y = np.r_[np.zeros(6, int), np.ones(7, int)]
+    a, b = np.arange(13.0), np.zeros(13)
+    sw = np.array(list(itertools.product([False, True], repeat=13)))
+    a2, b2 = np.where(sw, b, a), np.where(sw, a, b)
+
+    def pair_auc(s):  # the Mann-Whitney kernel over all pairs, every pattern at once
+        x, z = s[:, y == 1][:, :, None], s[:, y == 0][:, None, :]
+        return ((x > z) + 0.5 * (x == z)).mean(axis=(1, 2))
+
+    exact = np.mean(np.abs(pair_auc(a2) - pair_auc(b2)) >= 0.5 - 1e-12)
+    r1 = stats.delong_paired(y, a, b, n_permutations=4000, seed=3)
+    r2 = stats.delong_paired(y, a, b, n_permutations=4000, seed=3)
+    assert r1.method == "paired_swap" and r1.p_value == r2.p_value and "Monte Carlo over 4000" in r1.note
+    assert abs(r1.p_value - exact) < 4 * math.sqrt(exact * (1 - exact) / 4000)
+    tab = stats.compare_table(pd.DataFrame({"y": y, "a": a, "b": b}), ["b", "a"], "y", n_permutations=4000)
+    assert tab.method.iloc[0] == "paired_swap" and tab.ci_low.isna().all()
+    assert abs(tab.p_value.iloc[0] - exact) < 4 * math.sqrt(exact * (1 - exact) / 4000)
+
+
+# -- item 10: within-pair AUC --------------------------------------------------------------------
+def test_within_pair_table_refuses_duplicate_pair_rows_naming_the_pair():
+    df = pd.DataFrame({"pid": [1, 1, 2, 2, 2], "arm": [0, 1, 0, 1, 1], "s": [0.1, 0.5, 0.2, 0.9, 0.1]})
+    with pytest.raises(ValueError, match=r"pair 2 has 2 rows with arm = 1"):
+        stats.within_pair_table(df, ["s"], "pid")
+    df = pd.DataFrame({"pair": [1, 1, 2, 2], "patient": ["p", "q", "r", "r"], "arm": [0, 1, 0, 1], "s": [0, 1, 0, 1]})
+    with pytest.raises(ValueError, match="pair 1 spans 2 patients"):
+        stats.within_pair_table(df, ["s"], "pair", group_col="patient")
+
+
+def _pairs_in_patients(rng, n_pat=30, k=5, mu=0.5):
+    u = rng.normal(size=n_pat)
+    d = mu + np.repeat(u, k) + rng.normal(size=n_pat * k)
+    pair = np.arange(n_pat * k)
+    return pd.DataFrame({"pair": np.repeat(pair, 2), "patient": np.repeat(np.repeat(np.arange(n_pat), k), 2),
+                         "arm": np.tile([0, 1], n_pat * k), "s": np.c_[np.zeros(n_pat * k), d].reshape(-1)})
+
+
+def test_within_pair_interval_covers_when_pairs_share_patients():
+    # 30 patients x 5 pairs with a patient effect: the Wilson interval over 150 "independent"
+    # pairs covered ~0.81-0.87; the design-effect interval covers ~0.95
+    rng = np.random.default_rng(12)
+    true = norm.cdf(0.5 / math.sqrt(2))
+    hits, hits_naive = 0, 0
+    for _ in range(150):
+        df = _pairs_in_patients(rng)
+        r = stats.within_pair_table(df, ["s"], "pair", group_col="patient").iloc[0]
+        naive = stats.within_pair_table(df, ["s"], "pair").iloc[0]
+        hits += r.ci_low <= true <= r.ci_high
+        hits_naive += naive.ci_low <= true <= naive.ci_high
+        assert r.method == "wilson_design_effect" and r.n_groups == 30 and naive.method == "wilson"
+    assert hits / 150 >= 0.91 and hits_naive / 150 < 0.9
+
+
+def test_within_pair_interval_with_one_pair_per_patient_is_wilson():
+    from statsmodels.stats.proportion import proportion_confint
+
+    df = _pairs_in_patients(np.random.default_rng(0), n_pat=40, k=1)
+    r = stats.within_pair_table(df, ["s"], "pair", group_col="patient").iloc[0]
+    wins = r.within_pair_auc * 40
+    assert r.method == "wilson" and (r.ci_low, r.ci_high) == pytest.approx(proportion_confint(wins, 40, method="wilson"))
+    # every pair won inside clustered patients: no collapse, the patient count stands in for n
+    df = _pairs_in_patients(np.random.default_rng(0), mu=50.0)
+    r = stats.within_pair_table(df, ["s"], "pair", group_col="patient").iloc[0]
+    assert r.within_pair_auc == 1.0 and r.ci_high == 1.0 and 0.8 < r.ci_low < 0.95
+
+
+# -- items 11 and 12: printing p, one implementation, the public names -------------------------
+@pytest.mark.parametrize("p, text", [(0.0, "< 1e-16"), (1e-300, "< 1e-16"), (3.2e-9, "3.2e-09"), (0.0234, "0.023"),
+                                     (1.0, "1"), (float("nan"), "not estimable")])
+def test_format_p(p, text):
+    assert stats.format_p(p) == text
+
+
+def test_format_p_refuses_a_non_probability():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        stats.format_p(1.5)
+
+
+def test_notebook_names_are_exported():
+    for name in ("bootstrap_auc_gap", "within_pair_table", "GapResult", "format_p", "NotEstimable"):
+        assert name in stats.__all__ and hasattr(stats, name)
+
+
+def test_notebooks_compute_no_p_values_by_hand():
+    from pathlib import Path
+
+    for nb in (Path(__file__).resolve().parent.parent / "notebooks").glob("*.py"):
+        text = nb.read_text()
+        for hand in ("norm.sf(", "norm.logsf(", "t.sf("):
+            assert hand not in text, f"{nb.name} computes a p-value by hand ({hand}); call cxrcore.stats"
+
+
+def test_one_label_check_and_one_group_coder_for_probes_and_stats():
+    from cxrcore import probes
+
+    for fn in (lambda y: stats.auc(y, np.arange(4.0)), lambda y: probes.grouped_folds(y, n_splits=2)):
+        with pytest.raises(ValueError, match=r"found \[2\] \(first at row 2\)"):
+            fn(np.array([0, 1, 2, 1]))
+    with pytest.raises(ValueError, match="missing patient ids"):
+        probes.grouped_folds(np.array([0, 1] * 4), groups=np.array(["a", None, "b", "c", "d", "e", "f", "g"], object),
+                             n_splits=2)
+    with pytest.raises(ValueError, match="missing patient ids"):
+        stats.bootstrap_auc([0, 1] * 4, np.arange(8.0), groups=[1, 2, 3, np.nan, 5, 6, 7, 8])
+
+
+def test_within_cluster_wins_match_brute_force():
+    rng = np.random.default_rng(5)
+    g = rng.integers(0, 12, 70)
+    y = rng.random(70) < 0.4
+    s = np.round(rng.normal(size=70), 1)
+    got = stats._within_cluster_wins(s[y], s[~y], g[y], g[~y], 12)
+    want = [sum((p > q) + 0.5 * (p == q) for p in s[y & (g == c)] for q in s[~y & (g == c)]) for c in range(12)]
+    np.testing.assert_allclose(got, want, atol=1e-12)

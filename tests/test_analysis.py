@@ -1,0 +1,273 @@
+"""cxrcore.analysis: the probe loops moved out of the ChestX-Det10 and box-jitter notebooks.
+
+Each test runs the loop as the notebook wrote it (copied below, calling today's
+cxrcore.stats) and the moved function on one small case, and checks they give the same
+table, except where the old loop was wrong (its hand-made normal p-value).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import t as t_dist
+
+from cxrcore import analysis
+from cxrcore.boxes import jitter_frame, still_overlapping
+from cxrcore.geometry import make_geometry
+from cxrcore.pooling import roi_local
+from cxrcore.probes import grouped_folds, out_of_fold_scores
+from cxrcore.stats import auc, bootstrap_auc, bootstrap_auc_gap, compare_table, delong, delong_paired, fdr_bh
+
+CLASSES = ["Nodule", "Mass"]
+
+
+def _cohort(seed=0, n=36, d=6):
+    """One image per patient, two classes, boxes with small/large strata, embeddings with some signal."""
+    rng = np.random.default_rng(seed)
+    md = pd.DataFrame({"image_id": [f"img{i:03d}.png" for i in range(n)], "patient_id": [f"p{i}" for i in range(n)]})
+    boxes = []
+    for c in CLASSES:
+        y = (rng.random(n) < 0.4).astype(int)
+        md[c] = y
+        for i in np.flatnonzero(y):
+            for _ in range(rng.integers(1, 3)):
+                boxes.append({"image_id": md.image_id[i], "class": c, "stratum": rng.choice(["small", "large"])})
+    boxes = pd.DataFrame(boxes)
+    emb = {}
+    for key in ("enc_a", "enc_b"):
+        base = rng.normal(size=(n, d))
+        emb[key] = {"cls": base + 0.8 * md[CLASSES].to_numpy() @ rng.normal(size=(2, d)),
+                    "patch_mean": base + 0.3 * rng.normal(size=(n, d))}
+    return md, boxes, emb
+
+
+def _old_image_loop(md, boxes, emb, n_splits, seed, n_boot):
+    """notebooks/chestxdet10.py before the move (image level), verbatim but for the inputs."""
+    classes, encoders = CLASSES, list(emb)
+    image_stratum = {c: boxes[boxes["class"] == c].groupby("image_id")["stratum"]
+                     .agg(lambda s: "large" if (s == "large").any() else "small") for c in classes}
+    img_rows, strata_rows, img_tests = [], [], []
+    for key in encoders:
+        for c in classes:
+            y = md[c].to_numpy().astype(int)
+            groups = md["patient_id"].to_numpy()
+            folds = grouped_folds(y, groups, n_splits=n_splits, seed=seed)
+            stratum = md["image_id"].map(image_stratum[c]).fillna("none").to_numpy()
+            scores = {}
+            for mode in ("cls", "patch_mean"):
+                s = scores[mode] = out_of_fold_scores(emb[key][mode], y, groups, folds=folds)
+                b = bootstrap_auc(y, s, n_boot=n_boot, seed=seed)
+                img_rows.append({"encoder": key, "class": c, "pooling": mode, "auc": b.auc, "ci_low": b.ci_low,
+                                 "ci_high": b.ci_high, "n_pos": b.n_pos, "n_neg": b.n_neg})
+                by = {}
+                for st in ("small", "large"):
+                    keep = (y == 0) | (stratum == st)
+                    enough = (stratum == st).sum() >= 2 and (y == 0).sum() >= 2
+                    by[st] = bootstrap_auc(y[keep], s[keep], n_boot=n_boot, seed=seed) if enough else None
+                gap = None
+                if by["small"] is not None and by["large"] is not None:
+                    g = bootstrap_auc_gap(y, s, stratum, "large", "small", n_boot=n_boot, seed=seed)
+                    gap = (g.gap, g.ci_low, g.ci_high)
+                for st in ("small", "large"):
+                    r = by[st]
+                    strata_rows.append({"encoder": key, "class": c, "pooling": mode, "stratum": st,
+                                        "auc": np.nan if r is None else r.auc, "ci_low": np.nan if r is None else r.ci_low,
+                                        "ci_high": np.nan if r is None else r.ci_high, "n_pos": int((stratum == st).sum()),
+                                        "gap": np.nan if gap is None else gap[0],
+                                        "gap_low": np.nan if gap is None else gap[1], "gap_high": np.nan if gap is None else gap[2]})
+            d = delong_paired(y, scores["patch_mean"], scores["cls"])
+            img_tests.append({"encoder": key, "class": c, "a": "patch_mean", "b": "cls", "auc_a": d.auc_a, "auc_b": d.auc_b,
+                              "delta": d.delta, "z": d.z, "p_value": d.p_value})
+    img_tests = pd.DataFrame(img_tests)
+    img_tests["p_bh"] = fdr_bh(img_tests["p_value"].to_numpy())
+    return pd.DataFrame(img_rows), pd.DataFrame(strata_rows), img_tests
+
+
+def test_image_strata_gives_the_old_notebook_tables():
+    md, boxes, emb = _cohort()
+    old_aucs, old_strata, old_tests = _old_image_loop(md, boxes, emb, n_splits=3, seed=2, n_boot=80)
+    new = analysis.image_strata(md, boxes, emb, CLASSES, n_splits=3, seed=2, n_boot=80)
+    pd.testing.assert_frame_equal(new.aucs[old_aucs.columns], old_aucs)
+    pd.testing.assert_frame_equal(new.strata[old_strata.columns], old_strata)
+    pd.testing.assert_frame_equal(new.tests[old_tests.columns], old_tests)
+    assert (new.tests.method == "delong").all() and set(new.scores) == {(k, c, m) for k in emb for c in CLASSES
+                                                                        for m in ("cls", "patch_mean")}
+
+
+def test_image_strata_clusters_repeated_patients():
+    md, boxes, emb = _cohort(seed=1)
+    md["patient_id"] = [f"p{i // 2}" for i in range(len(md))]  # two images per patient
+    new = analysis.image_strata(md, boxes, emb, CLASSES, n_splits=3, seed=0, n_boot=60)
+    assert (new.tests.method == "delong_clustered").all()
+    y = md["Nodule"].to_numpy()
+    s_pm, s_cls = new.scores["enc_a", "Nodule", "patch_mean"], new.scores["enc_a", "Nodule", "cls"]
+    ref = delong_paired(y, s_pm, s_cls, groups=md["patient_id"].to_numpy())
+    row = new.tests[(new.tests.encoder == "enc_a") & (new.tests["class"] == "Nodule")].iloc[0]
+    assert (row.p_value, row.ci_low) == pytest.approx((ref.p_value, ref.ci[0]))
+
+
+def _boxes(seed=0, n_images=30, d=5):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_images):
+        for c in CLASSES:
+            for _ in range(rng.integers(0, 3)):
+                st = rng.choice(["small", "large"])
+                for kind in ("lesion", "control"):
+                    rows.append({"image_id": f"img{i:03d}", "class": c, "stratum": st, "kind": kind})
+    roi = pd.DataFrame(rows)
+    y = (roi.kind == "lesion").to_numpy()
+    emb = {k: rng.normal(size=(len(roi), d)) + 0.7 * y[:, None] * rng.normal(size=d) for k in ("enc_a", "enc_b")}
+    return roi, emb
+
+
+def _old_box_loop(roi_rows, emb, n_splits, seed, n_boot):
+    """notebooks/chestxdet10.py before the move (box level), verbatim but for the inputs and norm."""
+    from scipy.stats import norm
+
+    box_rows = []
+    for key in emb:
+        for c in CLASSES:
+            sel = (roi_rows["class"] == c).to_numpy()
+            sub = roi_rows[sel]
+            y = (sub["kind"] == "lesion").to_numpy().astype(int)
+            groups = sub["image_id"].to_numpy()
+            k = min(n_splits, sub["image_id"].nunique())
+            s = out_of_fold_scores(emb[key][sel], y, groups, folds=grouped_folds(y, groups, n_splits=k, seed=seed))
+            b = bootstrap_auc(y, s, n_boot=n_boot, seed=seed, groups=groups)
+            dl = delong(y, s, groups=groups)
+            z = (dl.auc - 0.5) / dl.se if dl.se > 0 else np.copysign(np.inf, dl.auc - 0.5)
+            row = {"encoder": key, "class": c, "pooling": "roi_local", "auc": b.auc, "ci_low": b.ci_low, "ci_high": b.ci_high,
+                   "delong_low": dl.ci[0], "delong_high": dl.ci[1], "z_vs_chance": z, "p_value": float(2 * norm.sf(abs(z))),
+                   "n_boxes": b.n_pos, "n_images": int(sub["image_id"].nunique())}
+            for st in ("small", "large"):
+                keep = (sub["stratum"] == st).to_numpy()
+                row[f"auc_{st}"] = auc(y[keep], s[keep]) if 0 < y[keep].sum() < keep.sum() else np.nan
+            box_rows.append(row)
+    return pd.DataFrame(box_rows)
+
+
+@pytest.mark.filterwarnings("ignore::cxrcore.stats.FewClustersWarning")
+def test_box_level_gives_the_old_notebook_table_but_the_p_of_its_own_procedure():
+    roi, emb = _boxes()
+    old = _old_box_loop(roi, emb, n_splits=3, seed=1, n_boot=80)
+    new = analysis.box_level(roi, emb, CLASSES, n_splits=3, seed=1, n_boot=80)
+    same = [c for c in old.columns if c != "p_value"]
+    pd.testing.assert_frame_equal(new.table[same], old[same])
+    # the old p referred the clustered z to the normal; the interval beside it used the t reference
+    np.testing.assert_allclose(new.table.p_value, 2 * t_dist.sf(np.abs(new.table.z_vs_chance), new.table.df), rtol=1e-10)
+    np.testing.assert_allclose(new.table.p_bh, fdr_bh(new.table.p_value))
+    excludes = (new.table.delong_low > 0.5) | (new.table.delong_high < 0.5)
+    assert ((new.table.p_value < 0.05) == excludes).all()
+    assert not new.skipped
+
+
+def test_box_level_keeps_a_class_with_too_few_images_and_says_why():
+    # 4 images with one nodule box each: too few for an image-cluster bootstrap (5 needed),
+    # enough for the clustered DeLong interval
+    rng = np.random.default_rng(2)
+    roi = pd.DataFrame({"image_id": np.repeat([f"img{i}" for i in range(4)], 2), "class": "Nodule",
+                        "stratum": "small", "kind": ["lesion", "control"] * 4})
+    emb = {"enc_a": rng.normal(size=(8, 4)) + np.tile([[1.0], [0.0]], (4, 1))}
+    new = analysis.box_level(roi, emb, ["Nodule"], n_splits=3, seed=0, n_boot=40)
+    row = new.table.iloc[0]
+    assert np.isnan(row.ci_low) and "bootstrap CI not estimable: 4 clusters" in row.note
+    assert row.auc == pytest.approx(auc((roi.kind == "lesion").astype(int), new.scores["enc_a", "Nodule"]))
+    assert np.isfinite(row.delong_low) and np.isfinite(row.p_value)
+
+
+def _jitter_inputs(seed=0, n_images=24, side=64, grid=8, d=6):
+    rng = np.random.default_rng(seed)
+    image_ids = [f"img{i:03d}" for i in range(n_images)]
+    geoms = [make_geometry((side, side), side, side // grid, "resize") for _ in image_ids]
+    grids = {}
+    rows = []
+    for i, image_id in enumerate(image_ids):
+        for _ in range(rng.integers(1, 3)):
+            w = rng.integers(6, 20)
+            x1, y1 = rng.integers(0, side - w, 2)
+            cx1, cy1 = rng.integers(0, side - w, 2)
+            rows.append({"image_id": image_id, "stratum": "small" if w < 12 else "large", "x1": x1, "y1": y1,
+                         "x2": x1 + w, "y2": y1 + w, "cx1": cx1, "cy1": cy1, "cx2": cx1 + w, "cy2": cy1 + w})
+    pairs = pd.DataFrame(rows).astype({c: float for c in ("x1", "y1", "x2", "y2", "cx1", "cy1", "cx2", "cy2")})
+    for key in ("enc_a", "enc_b"):
+        g = rng.normal(size=(n_images, grid, grid, d)).astype(np.float32)
+        for r in pairs.itertuples():  # lesion cells carry a signal
+            i = image_ids.index(r.image_id)
+            g[i, int(r.y1) // 8:int(np.ceil(r.y2 / 8)), int(r.x1) // 8:int(np.ceil(r.x2 / 8)), 0] += 1.5
+        grids[key] = (g, geoms)
+    return pairs, grids, image_ids, {i: (side, side) for i in image_ids}
+
+
+def _old_jitter_loop(pairs, store, md_ids, hw_of, sigmas_px, scale_sigmas, scale_px, n_splits, seed, n_boot):
+    """notebooks/box_jitter.py before the move, verbatim but for the inputs."""
+    encoders = list(store)
+    lesion0 = pairs[["x1", "y1", "x2", "y2"]].to_numpy(float)
+    y = np.r_[np.ones(len(pairs), int), np.zeros(len(pairs), int)]
+    groups = np.r_[pairs["image_id"].to_numpy(), pairs["image_id"].to_numpy()]
+    stratum = np.r_[pairs["stratum"].to_numpy(), pairs["stratum"].to_numpy()]
+    folds = grouped_folds(y, groups, n_splits=min(n_splits, pairs["image_id"].nunique()), seed=seed)
+    position = {i: k for k, i in enumerate(md_ids)}
+    rows, overlap_rows, scores = [], [], {}
+    for scale in scale_sigmas:
+        for sigma in sigmas_px:
+            s_px = float(sigma) * scale_px
+            lesion = jitter_frame(pairs, s_px, scale_sigma=scale, seed=seed, image_hw=hw_of.get)
+            control = jitter_frame(pairs, s_px, scale_sigma=scale, seed=seed + 1, image_hw=hw_of.get,
+                                   columns=("cx1", "cy1", "cx2", "cy2"))
+            hit = still_overlapping(lesion, lesion0)
+            for st in ("all", "small", "large"):
+                keep = np.ones(len(pairs), bool) if st == "all" else (pairs["stratum"] == st).to_numpy()
+                overlap_rows.append({"sigma_px": sigma, "sigma_image_px": s_px, "scale_sigma": scale, "stratum": st,
+                                     "still_overlapping": float(hit[keep].mean()), "n_boxes": int(keep.sum())})
+            per_image = [[] for _ in range(len(md_ids))]
+            where = [[] for _ in range(len(md_ids))]
+            for k, image_id in enumerate(pairs["image_id"]):
+                per_image[position[image_id]].append(lesion[k].tolist())
+                where[position[image_id]].append(k)
+            for k, image_id in enumerate(pairs["image_id"]):
+                per_image[position[image_id]].append(control[k].tolist())
+                where[position[image_id]].append(len(pairs) + k)
+            order = np.concatenate([w for w in where if w]).astype(int)
+            for key in encoders:
+                grid, geoms = store[key]
+                feats, _ = roi_local(grid, geoms, per_image)
+                X = np.empty_like(feats)
+                X[order] = feats
+                s = scores[key, sigma, scale] = out_of_fold_scores(X, y, groups, folds=folds)
+                b = bootstrap_auc(y, s, n_boot=n_boot, seed=seed, groups=groups)
+                row = {"encoder": key, "sigma_px": sigma, "scale_sigma": scale, "pooling": "roi_local", "auc": b.auc,
+                       "ci_low": b.ci_low, "ci_high": b.ci_high, "still_overlapping": float(hit.mean())}
+                for st in ("small", "large"):
+                    keep = stratum == st
+                    row[f"auc_{st}"] = auc(y[keep], s[keep]) if 0 < y[keep].sum() < keep.sum() else np.nan
+                rows.append(row)
+
+    def setting(sigma, scale):
+        return f"sigma {sigma:g}, scale {scale:g}"
+
+    by_encoder = pd.concat([pd.DataFrame({"encoder": key, "image_id": groups, "label": y,
+                                          **{setting(sg, sc): scores[key, sg, sc] for sg in sigmas_px for sc in scale_sigmas}})
+                            for key in encoders], ignore_index=True)
+    pairs_tested = [(setting(sg, sc), setting(0, 0.0)) for sc in scale_sigmas for sg in sigmas_px if (sg, sc) != (0, 0.0)]
+    tests = compare_table(by_encoder, [c for p in pairs_tested for c in p], "label", pairs=pairs_tested, by=["encoder"],
+                          group_col="image_id", seed=seed)
+    return pd.DataFrame(rows), pd.DataFrame(overlap_rows), tests, scores
+
+
+@pytest.mark.filterwarnings("ignore::cxrcore.stats.FewClustersWarning")
+def test_jitter_probes_give_the_old_notebook_tables():
+    pairs, grids, ids, hw = _jitter_inputs()
+    kw = dict(sigmas_px=[0, 6], scale_sigmas=[0.0, 0.2], n_splits=3, seed=1, n_boot=60)
+    old_table, old_overlap, old_tests, old_scores = _old_jitter_loop(pairs, grids, ids, hw, kw["sigmas_px"],
+                                                                     kw["scale_sigmas"], 0.5, 3, 1, 60)
+    new = analysis.jitter_probes(pairs, grids, ids, hw.get, px_per_sigma=0.5, **kw)
+    pd.testing.assert_frame_equal(new.table[old_table.columns], old_table)
+    pd.testing.assert_frame_equal(new.overlap, old_overlap)
+    pd.testing.assert_frame_equal(new.tests, old_tests)
+    assert set(new.scores) == set(old_scores)
+    assert (new.tests.method == "delong_clustered").all() and len(new.tests) == 2 * 3
+    # the unjittered setting reads the lesion cells: its AUC is high, and jitter does not raise it
+    base = new.table[(new.table.sigma_px == 0) & (new.table.scale_sigma == 0.0)]
+    assert (base.auc > 0.8).all()
