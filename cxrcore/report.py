@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from . import stats  # noqa: E402  (one p-value formatter for the package)
 
 _KEY = re.compile(r"^(fig|tab|num)-[a-z0-9]+(-[a-z0-9]+)*$")
 
@@ -205,18 +206,14 @@ def show_figure(fig, key: str, output_dir: str | os.PathLike) -> None:
 
 # -- numbers in words ----------------------------------------------------------------------
 def format_p(p: float, *, prefix: bool = False) -> str:
-    """A p-value for reading: ``0.007``, ``0.150``, ``<0.001`` (``p = 0.007`` with ``prefix``).
-
-    Three decimals down to 0.001 and a bound below it (the APA convention): the exact size
-    of a tiny p is noise of the normal approximation; tables keep ``log10_p`` for it.
-    """
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "–"
-    p = float(p)
-    text = "<0.001" if p < 0.001 else f"{p:.3f}"
-    if prefix:
-        return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
-    return text
+    """A p-value for reading, by :func:`cxrcore.stats.format_p` (two significant digits, "< 1e-16" in the far
+    tail, "not estimable" for NaN); ``prefix`` gives ``p = 0.0067`` / ``p < 1e-16`` for prose."""
+    if p is None:
+        p = float("nan")
+    text = stats.format_p(p)
+    if not prefix or text == "not estimable":
+        return text
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
 
 
 def format_ci(est: float, lo: float, hi: float, fmt: str = "{:.3f}") -> str:

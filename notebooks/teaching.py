@@ -283,9 +283,9 @@ display(Markdown(
 # Is `roi_local` better than `cls` on these images, or could the difference be chance?
 # Both modes score the same images with the same folds, so the test is paired. Each patient
 # contributes two images, one in each arm. Test it two ways: with
-# `cxrcore.stats.compare_table(..., group_col="patient_id")`, a patient-cluster bootstrap of
-# the paired difference, and with `cxrcore.stats.delong_paired`, which treats the 2n images as
-# independent. **Predict first**: which p-value will be smaller? Then copy every image
+# `cxrcore.stats.compare_table(..., group_col="patient_id")`, DeLong's paired test with the
+# variance clustered by patient (Obuchowski 1997), and with `cxrcore.stats.delong_paired`, which
+# treats the 2n images as independent. **Predict first**: which p-value will be smaller? Then copy every image
 # `copies` times (as if each patient had been filmed that many times, identically) and test
 # again both ways. What changes, and why?
 
@@ -294,11 +294,11 @@ from cxrcore.stats import compare_table, delong_paired
 
 
 def both_tests(df):
-    """roi_local vs cls: patient-cluster bootstrap of the paired difference, and DeLong with images as independent."""
+    """roi_local vs cls: paired DeLong clustered by patient, and paired DeLong with images as independent."""
     cluster = compare_table(df, ["cls", "roi_local"], "arm", pairs=[("roi_local", "cls")], group_col="patient_id",
-                            n_boot=n_boot, seed=seed).iloc[0]
+                            seed=seed).iloc[0]
     naive = delong_paired(df["arm"], df["roi_local"], df["cls"])
-    return {"AUC difference": cluster.delta, "p (patient-cluster bootstrap)": cluster.p_value,
+    return {"AUC difference": cluster.delta, "p (clustered by patient)": cluster.p_value,
             "p (images as independent)": naive.p_value}
 
 
@@ -307,18 +307,18 @@ copied = pd.concat([scored] * copies, ignore_index=True)  # the same rows again:
 tests = pd.DataFrame([{"data": f"as collected: {len(scored)} images", **both_tests(scored)},
                       {"data": f"every image {copies} times: {len(copied)} images", **both_tests(copied)}])
 display(report.format_table(tests))
-smaller = tests.loc[0, "p (patient-cluster bootstrap)"] < tests.loc[0, "p (images as independent)"]
+smaller = tests.loc[0, "p (clustered by patient)"] < tests.loc[0, "p (images as independent)"]
 pairs = scored.pivot_table(index="patient_id", columns="arm", values="cls")  # a patient's two images
 display(Markdown(
-    f"As collected, the patient-cluster p is the {'*smaller*' if smaller else '*larger*'} one here"
+    f"As collected, the p clustered by patient is the {'*smaller*' if smaller else '*larger*'} one here"
     f"{'' if smaller else ' (unusually for a paired design)'}. Each patient is in both arms, and a patient's "
     f"original and perturbed images score alike (correlation of their `cls` scores {pairs[0].corr(pairs[1]):.2f}). "
-    "Resampling patients keeps each pair together, so the spread between patients, which moves both images of a "
+    "Clustering by patient keeps each pair together, so the spread between patients, which moves both images of a "
     "pair, cancels out of the comparison; treating images as independent counts it as noise (a paired against a "
     "two-sample t-test). Copied, the images-as-independent p shrinks, because it believes it has more data, while "
-    "the patient-cluster p stays: copies carry no new information. Several images of one patient in one arm is "
+    "the p clustered by patient stays: copies carry no new information. Several images of one patient in one arm is "
     "the usual case in real cohorts, and there ignoring patients makes p too *small*. The rule is not that "
-    "clustering makes p larger: resample what was sampled, patients."))
+    "clustering makes p larger: the unit of the variance is the unit that was sampled, the patient."))
 
 # %% [markdown]
 # ## What we did

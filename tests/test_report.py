@@ -72,7 +72,7 @@ def test_tables_read_like_a_paper():
     assert (r0["auc"], r1["auc"]) == ("0.774", "0.500")
     assert (r0["excluded"], r1["excluded"]) == ("2", "0")  # counts are integers, not "2.0"
     assert r0["footprint_px"] == "12"
-    assert (r0["p_value"], r1["p_value"]) == ("0.007", "<0.001")
+    assert (r0["p_value"], r1["p_value"]) == ("0.0067", "3e-09")  # stats.format_p: two significant digits
     assert r0["log10_p"] == "-2.170"  # not a p-value column
     assert r0["se"] == "2.0e-06" and r1["se"] == "0.012"  # never "0.000" for a non-zero value
     assert (r0["seconds"], r1["seconds"]) == ("86.580", "1.012")
@@ -138,8 +138,8 @@ def test_numbers_for_prose(monkeypatch):
     assert glued == {"num-x-auc": "0.774", "num-x-share": "0.9%", "num-x-verdict": "Only roi_local."}
     with pytest.raises(ValueError, match="num-"):
         report.glue_text("fig-x-auc", 0.5)
-    assert report.format_p(0.15) == "0.150" and report.format_p(0.0067, prefix=True) == "p = 0.007"
-    assert report.format_p(1e-12, prefix=True) == "p < 0.001" and report.format_p(float("nan")) == "–"
+    assert report.format_p(0.15) == "0.15" and report.format_p(0.0067, prefix=True) == "p = 0.0067"
+    assert report.format_p(1e-300, prefix=True) == "p < 1e-16" and report.format_p(float("nan")) == "not estimable"
     assert report.format_ci(0.77412, 0.713, 0.8371) == "0.774 [0.713, 0.837]"
 
 
