@@ -1,0 +1,250 @@
+"""The Ray Data backend: same store as the single-process path, resumable after a kill, Ray optional.
+
+One local Ray instance for the module (4 CPUs declared on a 2-core machine, so an actor holding
+its CPUs cannot starve the decode tasks; a small object store; no dashboard, no usage stats).
+Every test has a hard timeout (pytest-timeout, thread method: the process is ended even if
+Ray blocks in C++).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cxrcore
+from cxrcore.cohorts import ChestXDet10, FolderCohort
+from cxrcore.extract import extract
+from cxrcore.perturb import load_panel
+from cxrcore.store import list_parts, read_grids, read_manifest, read_store
+from fixtures_cohorts import make_chestxdet10, write_dicom, write_png
+
+pytestmark = [pytest.mark.timeout(240, method="thread"), pytest.mark.xdist_group("ray"),
+              # raised inside Ray Data when it copies its own DataContext, not by anything here
+              pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")]
+
+ROOT = Path(__file__).resolve().parent.parent
+INPUT = 112  # stand-in input side (a multiple of RAD-DINO's patch 14), small so the forward pass is cheap
+N_IMAGES = 30
+
+
+def _ray_env() -> dict:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray", reason="Ray Data backend: pip install -e '.[ray]' (part of the dev extra)")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # workers must import this checkout's cxrcore, as the test process does
+    os.environ["PYTHONPATH"] = _ray_env()["PYTHONPATH"]
+    ray.init(address="local", num_cpus=4, object_store_memory=256 * 2**20, include_dashboard=False,
+             logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A few dozen radiographs in the formats a real cohort has: 8-bit PNG, 16-bit PNG, 12-bit DICOM."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        h, w = int(rng.integers(60, 100)), int(rng.integers(60, 100))
+        if i % 5 == 4:
+            write_dicom(root / f"dcm_{i:02d}.dcm", rng.integers(0, 4096, (h, w)).astype(np.uint16), bits_stored=12)
+        elif i % 2:
+            write_png(root / f"p16_{i:02d}.png", rng.integers(0, 65536, (h, w)).astype(np.uint16))
+        else:
+            write_png(root / f"p8_{i:02d}.png", rng.integers(0, 256, (h, w)).astype(np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return cxrcore.load_encoder("rad-dino", stand_in=True, input_size=INPUT)
+
+
+@pytest.fixture(scope="module")
+def panel_reference(folder, encoder, tmp_path_factory):
+    """The single-process store of the smoke panel over the folder."""
+    out = tmp_path_factory.mktemp("ref") / "panel"
+    extract(encoder, FolderCohort(folder), out, panel="smoke", chunk_size=4, batch_size=5, num_workers=0, progress=False)
+    return out
+
+
+def assert_same_store(got: Path, ref: Path) -> None:
+    a, b = read_store(got), read_store(ref)
+    assert a.provenance == b.provenance  # same encoder, weights id, cohort, panel, seed, code version
+    pd.testing.assert_frame_equal(a.meta, b.meta)  # same ids, rows, boxes, hashes, geometry, in the same order
+    for m in ("cls", "patch_mean", "roi_local"):
+        np.testing.assert_allclose(a.features[m], b.features[m], atol=1e-5, rtol=0, err_msg=m)
+
+
+def test_panel_run_equals_single_process(ray_cluster, folder, panel_reference, tmp_path):
+    from cxrcore.ray_extract import extract_ray
+
+    out = tmp_path / "ray"
+    res = extract_ray("rad-dino", FolderCohort(folder), out, stand_in=True, input_size=INPUT, panel="smoke",
+                      chunk_size=4, batch_size=5, progress=False)
+    assert (res.chunks_total, res.chunks_written, res.images) == (8, 8, N_IMAGES)
+    assert res.passes == N_IMAGES * (len(load_panel("smoke")) + 1)  # the base image and one copy per cell
+    assert_same_store(out, panel_reference)
+    assert read_manifest(out) == read_manifest(panel_reference)  # same layout, so either backend resumes the other
+    formats = read_store(out).meta["image_id"].str.rsplit(".", n=1).str[-1]
+    assert set(formats) == {"png", "dcm"}
+    # a second call has nothing left to do
+    again = extract_ray("rad-dino", FolderCohort(folder), out, stand_in=True, input_size=INPUT, panel="smoke",
+                        chunk_size=4, batch_size=5, progress=False)
+    assert (again.chunks_done_before, again.chunks_written, again.images) == (8, 0, 0)
+
+
+def test_plain_run_with_boxes_and_grids_equals_single_process(ray_cluster, encoder, tmp_path):
+    from cxrcore.ray_extract import extract_ray
+
+    cohort = ChestXDet10(make_chestxdet10(tmp_path / "cxd"))
+    ref, out = tmp_path / "one", tmp_path / "ray"
+    extract(encoder, cohort, ref, store_grid=True, chunk_size=2, batch_size=3, num_workers=0, progress=False)
+    res = extract_ray("rad-dino", cohort, out, stand_in=True, input_size=INPUT, store_grid=True, chunk_size=2,
+                      batch_size=3, progress=False)
+    assert res.chunks_written == 3 and res.passes == len(cohort)
+    assert_same_store(out, ref)
+    meta = read_store(out).meta
+    assert (meta["box_index"] >= 0).sum() == len(cohort.boxes)  # one row per box: roi_local under each
+    assert set(cohort.label_columns) <= set(meta.columns)
+    ga, gb = read_grids(out), read_grids(ref)
+    np.testing.assert_array_equal(ga.pass_id, gb.pass_id)
+    np.testing.assert_allclose(ga.grid.astype(np.float32), gb.grid.astype(np.float32), atol=2e-3)  # float16 grids
+
+
+KILLED_JOB = """
+import sys, time
+import ray
+ray.init(address="local", num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False, logging_level="WARNING")
+from cxrcore.cohorts import FolderCohort
+from cxrcore.ray_extract import extract_ray
+
+class SlowFolder(FolderCohort):
+    # same cohort (name "folder", same images), slower to read, so the kill lands mid-run
+    def read_image(self, index):
+        time.sleep(0.3)
+        return super().read_image(index)
+
+extract_ray("rad-dino", SlowFolder(sys.argv[1]), sys.argv[2], stand_in=True, input_size={input}, panel="smoke",
+            chunk_size=2, batch_size=5, progress=False)
+print("FINISHED")
+"""
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (the killed job's Ray processes, if any survived)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                out.append(int(p.name))
+    return out
+
+
+@pytest.mark.slow  # two Ray instances and a job killed mid-run: ~40 s on 2 busy cores
+def test_killed_run_resumes_to_every_image_exactly_once(ray_cluster, folder, panel_reference, tmp_path):
+    from cxrcore.ray_extract import extract_ray
+
+    out = tmp_path / "ray"
+    script = tmp_path / "job.py"
+    script.write_text(KILLED_JOB.format(input=INPUT))
+    job = subprocess.Popen([sys.executable, str(script), str(folder), str(out)], env=_ray_env(), cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    n_chunks = N_IMAGES // 2
+    try:
+        deadline = time.monotonic() + 150
+        while not (out.is_dir() and list_parts(out)):
+            if job.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the job ended or stalled before its first chunk:\n{job.communicate()[0][-3000:]}")
+            time.sleep(0.01)
+        os.killpg(job.pid, signal.SIGKILL)  # driver, Ray's processes and workers: the whole job, mid-chunk
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        job.communicate(timeout=30)
+        for pid in _session_members(job.pid):  # anything that left the process group
+            os.kill(pid, signal.SIGKILL)
+    at_kill = len(list_parts(out))
+    assert 1 <= at_kill < n_chunks, f"the kill should land mid-run, found {at_kill} of {n_chunks} chunks"
+
+    res = extract_ray("rad-dino", FolderCohort(folder), out, stand_in=True, input_size=INPUT, panel="smoke",
+                      chunk_size=2, batch_size=5, progress=False)
+    assert res.chunks_done_before == at_kill and res.chunks_written == n_chunks - at_kill
+    assert not list(out.glob(".*.tmp-*"))  # no half-written chunk left behind
+    emb = read_store(out)  # raises on any duplicated (image, pass, box) row
+    assert sorted(set(emb.meta["image_index"])) == list(range(N_IMAGES))
+    assert len(emb) == len(read_store(panel_reference))
+    assert_same_store(out, panel_reference)
+
+
+def test_an_unreadable_file_fails_the_run_naming_the_file(ray_cluster, folder, tmp_path):
+    from cxrcore.io import ImageReadError
+    from cxrcore.ray_extract import extract_ray
+
+    root = tmp_path / "imgs"
+    for p in sorted(folder.glob("p8_*.png"))[:3]:
+        (root / p.name).parent.mkdir(exist_ok=True)
+        (root / p.name).write_bytes(p.read_bytes())
+    (root / "p8_99.png").write_text("<html>not an image</html>")
+    with pytest.raises(ImageReadError) as e:
+        extract_ray("rad-dino", FolderCohort(root), tmp_path / "s", stand_in=True, input_size=INPUT, chunk_size=2,
+                    progress=False)
+    # the reader's own exception and message, not Ray's wrapper with a remote traceback in front
+    assert type(e.value) is ImageReadError and str(e.value).startswith(f"{root / 'p8_99.png'}: not a readable image")
+    assert [p.name for _, _, p in list_parts(tmp_path / "s")] in ([], ["part-000000000-000000002.parquet"])
+
+
+def test_gpu_request_on_a_cluster_without_gpus_fails_fast(ray_cluster, folder, tmp_path):
+    from cxrcore.ray_extract import RayResourceError, extract_ray
+
+    t = time.monotonic()
+    with pytest.raises(RayResourceError, match=r"num_gpus_per_actor=1 but the Ray cluster has 0 GPU.*num_gpus_per_actor=0"):
+        extract_ray("rad-dino", FolderCohort(folder), tmp_path / "gpu", stand_in=True, num_gpus_per_actor=1,
+                    progress=False)
+    with pytest.raises(RayResourceError, match=r"8 encoder actor\(s\) x 2 CPU .* need 17 CPUs; the Ray cluster has 4"):
+        extract_ray("rad-dino", FolderCohort(folder), tmp_path / "cpu", stand_in=True, num_actors=8, progress=False)
+    assert time.monotonic() - t < 20 and not (tmp_path / "gpu").exists() and not (tmp_path / "cpu").exists()
+
+
+def test_an_encoder_object_is_refused_with_the_reason(folder, encoder, tmp_path):
+    from cxrcore.ray_extract import extract_ray
+
+    with pytest.raises(TypeError, match="each Ray actor builds its own encoder"):
+        extract_ray(encoder, FolderCohort(folder), tmp_path / "x")
+
+
+def test_ray_is_optional_and_never_imported_by_cxrcore():
+    code = textwrap.dedent("""
+        import sys
+        import cxrcore, cxrcore.extract, cxrcore.store, cxrcore.cli, cxrcore.ray_extract
+        loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
+        assert not loaded, loaded
+        sys.modules["ray"] = None  # as if Ray were not installed
+        from cxrcore.ray_extract import extract_ray
+        try:
+            extract_ray("rad-dino", None, "x")
+        except ImportError as e:
+            assert "pip install 'cxrcore[ray]'" in str(e), e
+            print("OK")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], env=_ray_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-3000:]
