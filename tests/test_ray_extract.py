@@ -220,9 +220,59 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_fast(ray_cluster, folder, t
     with pytest.raises(RayResourceError, match=r"num_gpus_per_actor=1 but the Ray cluster has 0 GPU.*num_gpus_per_actor=0"):
         extract_ray("rad-dino", FolderCohort(folder), tmp_path / "gpu", stand_in=True, num_gpus_per_actor=1,
                     progress=False)
-    with pytest.raises(RayResourceError, match=r"8 encoder actor\(s\) x 2 CPU .* need 17 CPUs; the Ray cluster has 4"):
+    with pytest.raises(RayResourceError, match=r"8 encoder actor\(s\) x 2 CPU, .* need 17.25 CPUs; the Ray cluster has 4"):
         extract_ray("rad-dino", FolderCohort(folder), tmp_path / "cpu", stand_in=True, num_actors=8, progress=False)
-    assert time.monotonic() - t < 20 and not (tmp_path / "gpu").exists() and not (tmp_path / "cpu").exists()
+    with pytest.raises(RayResourceError, match=r"num_gpus_per_actor=1 but the Ray cluster has 0 GPU"):
+        extract_ray("rad-dino", FolderCohort(folder), tmp_path / "cuda", stand_in=True, device="cuda", progress=False)
+    with pytest.raises(ValueError, match="would fuse decoding into the encoder actors"):
+        extract_ray("rad-dino", FolderCohort(folder), tmp_path / "fused", stand_in=True, num_cpus_per_actor=1,
+                    progress=False)
+    assert time.monotonic() - t < 20
+    assert not any((tmp_path / d).exists() for d in ("gpu", "cpu", "cuda", "fused"))  # refused before any store
+
+
+@pytest.mark.parametrize("cpus,gpus", [(2.0, 0.0), (1.0, 1.0)])
+def test_decode_and_encode_are_separate_stages(ray_cluster, capsys, cpus, gpus):
+    """Ray Data fuses a task stage into the next actor stage when their resources agree; ours must stay apart."""
+    from cxrcore.ray_extract import _pipeline, forward_batches
+
+    ds = _pipeline(ray_cluster, forward_batches([(0, 4)], 2, 0), decode={}, encode={}, write={}, num_decoders=None,
+                   num_cpus_per_decode=1, num_actors=1, num_cpus_per_actor=cpus, num_gpus_per_actor=gpus)
+    ds.explain()  # plans only; nothing runs (a GPU stage on this GPU-less cluster would wait forever)
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert [ln.strip(" +-") for ln in physical.strip(" -\n").splitlines()] == [
+        "ActorPoolMapOperator[MapBatches(_ChunkWriter)]", "ActorPoolMapOperator[MapBatches(_Encoder)]",
+        "TaskPoolMapOperator[MapBatches(_decode)]", "InputDataBuffer[Input]"]
+
+
+def test_an_actor_with_other_weights_is_refused(encoder):
+    from cxrcore.extract import run_provenance
+    from cxrcore.ray_extract import _encoder_check
+    from cxrcore.store import ProvenanceMismatchError
+
+    common = dict(cohort_name="folder", panel=None, seed=0, n_images=3, cohort_options={}, store_grid=False)
+    prov = run_provenance(encoder, FolderCohort.__new__(FolderCohort), panel=None, seed=0, n_images=3)
+    _encoder_check(encoder, prov, common, "actor")  # the same encoder passes
+    other = dict(prov, weights_id="sha256:0123456789abcdef")
+    with pytest.raises(ProvenanceMismatchError, match=r"actor built a different encoder.*weights_id: stored 'sha256:0123"):
+        _encoder_check(encoder, other, common, "actor")
+
+
+@pytest.mark.parametrize("panel,batch_size,chunk_size", [("smoke", 5, 4), ("smoke", 16, 7), (None, 3, 5), (None, 16, 4)])
+def test_forward_batches_are_the_batches_extract_runs(folder, encoder, tmp_path, monkeypatch, panel, batch_size, chunk_size):
+    """Both backends run the very same forward passes (same batch composition), not only the same images."""
+    import cxrcore.extract as ex
+    from cxrcore.ray_extract import forward_batches
+
+    seen, orig = [], ex.encode_batch
+    monkeypatch.setattr(ex, "encode_batch", lambda enc, passes, **kw: seen.append(sorted({p.rows[0]["image_index"]
+                                                                                          for p in passes})) or orig(enc, passes, **kw))
+    n = 11
+    extract(encoder, FolderCohort(folder), tmp_path / "s", panel=panel, n_images=n, batch_size=batch_size,
+            chunk_size=chunk_size, num_workers=0, progress=False)
+    chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    n_cells = len(load_panel(panel)) if panel else 0
+    assert [list(range(b["start"], b["end"])) for b in forward_batches(chunks, batch_size, n_cells)] == seen
 
 
 def test_an_encoder_object_is_refused_with_the_reason(folder, encoder, tmp_path):
