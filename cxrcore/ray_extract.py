@@ -248,9 +248,10 @@ def _probe(key: str, weights, stand_in: bool, device: str, dtype: torch.dtype, i
 
 # -- the driver -----------------------------------------------------------------------------------------
 def _connect(ray, address: str | None) -> None:
-    """Keep the current Ray connection, or connect to ``address``, or start a local instance."""
+    """Keep the current Ray connection, or connect to ``address`` (or ``$RAY_ADDRESS``), or start a local instance."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         ray.init(address=address)
         return
@@ -356,8 +357,9 @@ def extract_ray(encoder: str, cohort, out: str | os.PathLike, *,
     ``encoder``: an encoder key; every actor builds the encoder itself from ``weights`` /
     ``stand_in`` / ``dtype`` / ``input_size`` (the weights must be readable on every node,
     and ``out`` writable from every node). ``address``: a Ray cluster (``"auto"``: the one
-    this machine belongs to); default: the current Ray connection (kept as it is), else a new
-    local instance, left running as Ray Data leaves it. ``num_gpus_per_actor``: default 0
+    this machine belongs to); default: the current Ray connection (kept as it is), else
+    ``$RAY_ADDRESS``, else a new local instance (never a stale cluster found in /tmp/ray),
+    left running as Ray Data leaves it. ``num_gpus_per_actor``: default 0
     for ``device="cpu"``, 1 for ``device="cuda"``, else 1 when the cluster has GPUs and 0 when
     not (CPU actors run ``num_cpus_per_actor`` threads, default 2); ``device``: default
     ``cuda`` for GPU actors. ``num_actors``: default one per GPU (one on CPUs).

@@ -37,7 +37,9 @@ N_IMAGES = 30
 
 
 def _ray_env() -> dict:
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    """Environment of Ray processes: no usage stats (offline), this checkout's cxrcore, no cluster to attach to."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -45,13 +47,16 @@ def _ray_env() -> dict:
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="Ray Data backend: pip install -e '.[ray]' (part of the dev extra)")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    # workers must import this checkout's cxrcore, as the test process does
-    os.environ["PYTHONPATH"] = _ray_env()["PYTHONPATH"]
-    ray.init(address="local", num_cpus=4, object_store_memory=256 * 2**20, include_dashboard=False,
-             logging_level="WARNING")
-    yield ray
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        # Ray's processes inherit the driver's environment when it starts them
+        env = _ray_env()
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("PYTHONPATH", env["PYTHONPATH"])
+        mp.delenv("RAY_ADDRESS", raising=False)
+        ray.init(address="local", num_cpus=4, object_store_memory=256 * 2**20, include_dashboard=False,
+                 logging_level="WARNING")
+        yield ray
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
