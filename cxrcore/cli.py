@@ -132,14 +132,12 @@ def _ray_extract():
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    import inspect
-
     import torch
 
     from . import load_encoder
     from .cohorts import GENERATED, get_cohort
     from .extract import extract
-    from .store import shard_from_environment
+    from .store import parse_shard, shard_from_environment
 
     if args.bf16:
         print("cxrcore extract: --bf16 is deprecated; use --dtype bfloat16", file=sys.stderr)
@@ -156,29 +154,33 @@ def run_extract(args: argparse.Namespace) -> int:
         opts.setdefault("seed", args.seed)
     cohort = get_cohort(args.cohort, args.data_root, **opts)
     boxes = _read_boxes(args.boxes) if args.boxes else None
-    run = extract
-    extra: dict = {}
+    common = dict(panel=args.panel, n_images=args.n_images, seed=args.seed, store_grid=args.store_grid,
+                  chunk_size=args.chunk_size, progress=not args.no_progress, cohort_options=dict(opts))
     if args.backend == "ray":
-        run = _ray_extract()
-        extra = {"address": args.address, "num_actors": args.num_actors, "num_gpus_per_actor": args.num_gpus_per_actor}
-    elif args.address or args.num_actors or args.num_gpus_per_actor:
-        raise ValueError("--address, --num-actors and --num-gpus-per-actor are options of --backend ray")
-    encoder = load_encoder(args.encoder, weights=args.weights, stand_in=args.stand_in, device=args.device,
-                           dtype=dtype, input_size=args.input_size)
-    # data_root is not provenance: moving the data must not invalidate a store (image_hash guards content)
-    kwargs = dict(panel=args.panel, n_images=args.n_images, seed=args.seed, shard=shard, store_grid=args.store_grid,
-                  batch_size=args.batch_size, num_workers=args.num_workers, chunk_size=args.chunk_size,
-                  progress=not args.no_progress, cohort_options=dict(opts), boxes=boxes,
-                  chunk_info={"slurm": slurm} if slurm else None, **extra)
-    accepted = inspect.signature(run).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
-        unsupported = [k for k, v in kwargs.items() if k not in accepted and v is not None]
-        if unsupported:
-            raise ValueError(f"--backend {args.backend} does not support {unsupported} yet; use --backend local")
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    res = run(encoder, cohort, args.out, **kwargs)
+        extract_ray = _ray_extract()  # first: without Ray installed, that is what to fix
+        if tuple(parse_shard(shard)) != (0, 1):
+            raise ValueError(f"--backend ray runs every chunk of the store itself; --shard {shard} (or a Slurm array "
+                             "task) does not apply: drop it, or use --backend local for a job array")
+        if boxes is not None or args.num_workers is not None:
+            raise ValueError("--boxes and --num-workers are options of --backend local; the Ray backend decodes in "
+                             "Ray tasks and pools the cohort's own boxes")
+        # the actors load the encoder themselves: the driver never holds the weights (ViT-7B is 13 GB in bf16)
+        res = extract_ray(args.encoder, cohort, args.out, weights=args.weights, stand_in=args.stand_in,
+                             device=args.device, dtype=dtype, input_size=args.input_size, address=args.address,
+                             num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus_per_actor,
+                             batch_size=16 if args.batch_size == "auto" else int(args.batch_size), **common)
+        device = args.device
+    else:
+        if args.address or args.num_actors or args.num_gpus_per_actor:
+            raise ValueError("--address, --num-actors and --num-gpus-per-actor are options of --backend ray")
+        encoder = load_encoder(args.encoder, weights=args.weights, stand_in=args.stand_in, device=args.device,
+                               dtype=dtype, input_size=args.input_size)
+        # data_root is not provenance: moving the data must not invalidate a store (image_hash guards content)
+        res = extract(encoder, cohort, args.out, shard=shard, batch_size=args.batch_size, num_workers=args.num_workers,
+                      boxes=boxes, chunk_info={"slurm": slurm} if slurm else None, **common)
+        device = encoder.device
     print(json.dumps({"out": str(res.out), "shard": f"{res.shard[0]}/{res.shard[1]}", "backend": args.backend,
-                      "device": str(encoder.device), "dtype": str(dtype).removeprefix("torch."),
+                      "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                       "batch_size": getattr(res, "batch_size", None) or None, "chunks": res.chunks_total,
                       "resumed_chunks": res.chunks_done_before, "written_chunks": res.chunks_written,
                       "images": res.images, "forward_passes": res.passes, "seconds": round(res.seconds, 2),
@@ -227,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_extract(args)
         if args.command == "status":
             return run_status(args)
-    except (StoreError, ValueError, KeyError, FileNotFoundError) as e:
+    except (StoreError, ValueError, KeyError, FileNotFoundError, ImportError) as e:
         # expected, user-fixable problems: the message says what to do; no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cxrcore {args.command}: error: {msg}", file=sys.stderr)

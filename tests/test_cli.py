@@ -136,33 +136,44 @@ def test_backend_ray_without_ray_says_how_to_install(tmp_path, capsys, monkeypat
     assert "options of --backend ray" in capsys.readouterr().err
 
 
-def test_backend_ray_calls_extract_ray_with_extracts_arguments(tmp_path, capsys, monkeypatch):
+def test_backend_ray_hands_the_encoder_key_to_extract_ray(tmp_path, capsys, monkeypatch):
+    """The Ray actors load the encoder: the driver passes the key and loading options, never a model."""
+    import inspect
     import json
     import types
 
     from cxrcore.extract import ExtractResult
+    from cxrcore.ray_extract import extract_ray as real
 
     seen = {}
 
-    def extract_ray(encoder, cohort, out, *, panel=None, n_images=None, seed=0, shard=None, store_grid=False,
-                    batch_size=16, num_workers=None, chunk_size=None, progress=True, cohort_options=None,
-                    address=None, num_gpus_per_actor=None, num_actors=None):
-        seen.update(encoder=encoder.key, cohort=cohort.name, out=out, panel=panel, shard=shard, address=address,
-                    num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor, batch_size=batch_size)
+    def extract_ray(encoder, cohort, out, **kw):
+        unknown = set(kw) - set(inspect.signature(real).parameters)
+        assert not unknown, f"the CLI passes options extract_ray does not take: {unknown}"
+        seen.update(encoder=encoder, cohort=cohort.name, out=out, **kw)
         return ExtractResult(Path(out), (0, 1), 1, 0, 1, 2, 2, 0.5)
 
     monkeypatch.setitem(sys.modules, "cxrcore.ray_extract", types.SimpleNamespace(extract_ray=extract_ray))
-    args = _tiny(tmp_path / "s", "--backend", "ray", "--address", "auto", "--num-actors", "2", "--panel", "smoke")
-    assert main(args) == 0
+    monkeypatch.setattr("cxrcore.load_encoder", lambda *a, **k: pytest.fail("the driver loaded the encoder"))
+    def ray_args(out, *extra):  # --num-workers is the local backend's (DataLoader workers)
+        a = _tiny(out, *extra)
+        i = a.index("--num-workers")
+        return a[:i] + a[i + 2:]
+
+    assert main(ray_args(tmp_path / "s", "--backend", "ray", "--address", "auto", "--num-actors", "2", "--panel", "smoke")) == 0
     assert json.loads(capsys.readouterr().out)["backend"] == "ray"
-    assert seen == {"encoder": "dinov3-vit7b16", "cohort": "synthetic", "out": str(tmp_path / "s"), "panel": "smoke",
-                    "shard": (0, 1), "address": "auto", "num_actors": 2, "num_gpus_per_actor": None,
-                    "batch_size": "auto"}
-    # an option the Ray backend does not take is refused, not dropped
+    assert seen["encoder"] == "dinov3-vit7b16" and isinstance(seen["encoder"], str)
+    assert (seen["cohort"], seen["out"], seen["panel"], seen["address"], seen["num_actors"], seen["batch_size"]) == (
+        "synthetic", str(tmp_path / "s"), "smoke", "auto", 2, 16)
+    # options that only the local backend has are refused, not dropped
     table = tmp_path / "b.csv"
     table.write_text("image_id,x1,y1,x2,y2\nsynthetic_0000,1,1,9,9\n")
-    assert main(_tiny(tmp_path / "t", "--backend", "ray", "--boxes", str(table))) == 2
-    assert "does not support ['boxes']" in capsys.readouterr().err
+    assert main(ray_args(tmp_path / "t", "--backend", "ray", "--boxes", str(table))) == 2
+    assert "options of --backend local" in capsys.readouterr().err
+    assert main(_tiny(tmp_path / "t", "--backend", "ray")) == 2  # --num-workers too
+    assert "options of --backend local" in capsys.readouterr().err
+    assert main(ray_args(tmp_path / "u", "--backend", "ray", "--shard", "1/4")) == 2
+    assert "does not apply" in capsys.readouterr().err
 
 
 def test_import_cxrcore_does_not_import_ray():
