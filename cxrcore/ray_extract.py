@@ -84,11 +84,13 @@ def _as_dtype(dtype: "str | torch.dtype") -> torch.dtype:
 
 
 def forward_batches(chunks: Sequence[tuple[int, int]], batch_size: int, n_cells: int) -> list[dict]:
-    """The forward batches :func:`cxrcore.extract.extract` runs over ``chunks``, as cohort position ranges.
+    """The forward batches of the Ray backend over ``chunks``, as cohort position ranges.
 
-    extract() adds whole images (``n_cells + 1`` passes each) to a batch until it holds at
-    least ``batch_size`` passes, and flushes at every chunk end; the same batches here make
-    both backends run the very same forward passes.
+    Whole images (``n_cells + 1`` passes each) until a batch holds at least ``batch_size``
+    passes, never across a chunk end, so that one decode task reads each image once.
+    :func:`cxrcore.extract.extract` cuts its batches at exactly ``batch_size`` passes instead
+    (fixed shapes for the GPU); a ViT or CNN forward pass does not mix the images of a batch,
+    so the two backends' embeddings agree to float round-off (the tests hold them to 1e-5).
     """
     per = max(1, math.ceil(int(batch_size) / (n_cells + 1)))  # images per batch
     out = []

@@ -264,20 +264,23 @@ def test_an_actor_with_other_weights_is_refused(encoder):
 
 
 @pytest.mark.parametrize("panel,batch_size,chunk_size", [("smoke", 5, 4), ("smoke", 16, 7), (None, 3, 5), (None, 16, 4)])
-def test_forward_batches_are_the_batches_extract_runs(folder, encoder, tmp_path, monkeypatch, panel, batch_size, chunk_size):
-    """Both backends run the very same forward passes (same batch composition), not only the same images."""
-    import cxrcore.extract as ex
+def test_forward_batches_cover_every_image_once_within_its_chunk(panel, batch_size, chunk_size):
+    """Each image of each chunk in exactly one batch, in order; a batch holds at least batch_size passes unless it
+    ends its chunk (so a chunk is written when its last batch returns)."""
     from cxrcore.ray_extract import forward_batches
 
-    seen, orig = [], ex.encode_batch
-    monkeypatch.setattr(ex, "encode_batch", lambda enc, passes, **kw: seen.append(sorted({p.rows[0]["image_index"]
-                                                                                          for p in passes})) or orig(enc, passes, **kw))
     n = 11
-    extract(encoder, FolderCohort(folder), tmp_path / "s", panel=panel, n_images=n, batch_size=batch_size,
-            chunk_size=chunk_size, num_workers=0, progress=False)
     chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     n_cells = len(load_panel(panel)) if panel else 0
-    assert [list(range(b["start"], b["end"])) for b in forward_batches(chunks, batch_size, n_cells)] == seen
+    batches = forward_batches(chunks, batch_size, n_cells)
+    assert [i for b in batches for i in range(b["start"], b["end"])] == list(range(n))
+    for b in batches:
+        assert b["chunk_start"] <= b["start"] < b["end"] <= b["chunk_end"]
+        if b["end"] < b["chunk_end"]:
+            assert (b["end"] - b["start"]) * (n_cells + 1) >= batch_size
+    for cs, ce in chunks:
+        parts = [b for b in batches if b["chunk_start"] == cs]
+        assert [b["part"] for b in parts] == list(range(len(parts))) and all(b["n_parts"] == len(parts) for b in parts)
 
 
 def test_an_encoder_object_is_refused_with_the_reason(folder, encoder, tmp_path):
