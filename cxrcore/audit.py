@@ -85,6 +85,8 @@ QUICK = {"panel": "audit-quick", "n_images": 32, "n_boot": 200}
 DEFAULT_THRESHOLD = 0.75
 #: Label of the mean-pooling expectation in tables and figures.
 EXPECTED = "patch_mean expected"
+#: Colours of the box-free readouts (cxrcore.readouts), beside report.POOLING_PALETTE's pooling modes.
+READOUT_PALETTE: dict[str, str] = {"gem": "#8172B3", "patch_max": "#C44E52", "topk_mean": "#937860", "mil": "#DA8BC3"}
 
 
 # -- cells, series and geometry ----------------------------------------------------------------
@@ -331,6 +333,11 @@ def verdict_lines(detectable: pd.DataFrame, dilution: pd.DataFrame, *, threshold
                     and d.loc["cls", "footprint_px"] > d.loc["roi_local", "footprint_px"]:
                 text += (f" (cls does not detect it below {d.loc['cls', 'footprint_px']:g} px, where roi_local "
                          f"already does from {d.loc['roi_local', 'footprint_px']:g} px)")
+        box_free = [m for m in READOUT_PALETTE if m in d.index]
+        if box_free:
+            text += "; without a box at test time: " + ", ".join(
+                f"{m} from {d.loc[m, 'footprint_px']:g} px" if d.loc[m, "reached"] else f"{m} not up to {largest:g} px"
+                for m in box_free)
         if EXPECTED in d.index:
             r = d.loc[EXPECTED]
             text += ("; averaging all tokens (the dilution expectation) would detect it from "
@@ -364,12 +371,17 @@ class AuditResult:
 
 
 def analyse(emb: Embeddings, panel_cells: Sequence[Mapping], *, n_splits: int = 4, n_boot: int = 1000,
-            threshold: float = DEFAULT_THRESHOLD, seed: int = 0, ci: float = 0.95, probe=None) -> dict[str, Any]:
+            threshold: float = DEFAULT_THRESHOLD, seed: int = 0, ci: float = 0.95, probe=None, grids=None,
+            readouts: Sequence[str] = ()) -> dict[str, Any]:
     """Probe, AUCs, paired comparisons, dilution expectation, detectable footprints: the audit's numbers.
 
     ``emb``: panel rows (every cell, both arms); ``panel_cells``: the panel's cells as
     dicts (``kind``, ``footprint_px``, ``strength``, params), as in a store's provenance.
-    Returns a dict of tidy frames (``auc``, ``dilution``, ``detectable``, ``comparisons``).
+    ``grids`` (a :class:`cxrcore.store.Grids` of the same run) and ``readouts`` (names from
+    :data:`cxrcore.readouts.READOUTS`): add the box-free readouts beside the pooling modes,
+    on the same folds, and their gap-closure table (:func:`cxrcore.readouts.gap_closure_table`).
+    Returns a dict of tidy frames (``auc``, ``dilution``, ``detectable``, ``comparisons``,
+    ``gap_closure`` (empty without readouts), ``oof``).
     """
     from .probes import out_of_fold_table
     from .stats import auc_table, compare_table
@@ -386,13 +398,24 @@ def analyse(emb: Embeddings, panel_cells: Sequence[Mapping], *, n_splits: int = 
                             seed=seed, probe=probe)
     folds = np.full(len(meta), -1, np.int64)
     folds[oof["_row"].to_numpy()] = oof["fold"].to_numpy()
+    readouts = list(readouts)
+    gap = pd.DataFrame()
+    if readouts:
+        from .readouts import gap_closure_table, readout_scores
+
+        if grids is None:
+            raise ValueError("readouts need the stored token grids: extract with store_grid=True (cxrcore audit --readouts)")
+        oof = readout_scores(oof, grids, "arm", by=["cell"], readouts=readouts, probe=probe, seed=seed)
+        gap = gap_closure_table(oof, "arm", readouts=readouts, by=["cell"], n_boot=n_boot, ci=ci, seed=seed)
     _, _, patch = _box_cells(meta)
     patch_px = pd.Series(patch).groupby(meta["cell"].to_numpy()).median()
     info = cells.set_index("cell")
-    table = auc_table(oof, modes, "arm", by=["cell"], score_name="pooling", group_col="patient_id", n_boot=n_boot,
+    scores = modes + readouts
+    table = auc_table(oof, scores, "arm", by=["cell"], score_name="pooling", group_col="patient_id", n_boot=n_boot,
                       ci=ci, seed=seed)
     table = _with_cell_info(table, info, patch_px)
-    comparisons = compare_table(oof, modes, "arm", pairs=[(a, "cls") for a in ("roi_local", "patch_mean") if a in modes],
+    comparisons = compare_table(oof, scores, "arm", pairs=[(a, "cls") for a in ("roi_local", "patch_mean", *readouts)
+                                                           if a in scores],
                                 by=["cell"], family=["a"], group_col="patient_id", n_boot=n_boot, ci=ci, seed=seed)
     dil = dilution_table(emb, folds, n_boot=n_boot, ci=ci, seed=seed)
     dil = _with_cell_info(dil, info, patch_px)
@@ -407,8 +430,10 @@ def analyse(emb: Embeddings, panel_cells: Sequence[Mapping], *, n_splits: int = 
     det = det.merge(cells.drop_duplicates("series")[["series", "kind", "strength", "strength_name"]], on="series")
     order = {s: i for i, s in enumerate(dict.fromkeys(cells.sort_values("order")["series"]))}
     det = det.sort_values(["series", "pooling"], key=lambda s: s.map(order) if s.name == "series" else s.map(
-        {m: i for i, m in enumerate([*POOLING_MODES, EXPECTED])})).reset_index(drop=True)
-    return {"auc": table, "dilution": dil, "detectable": det, "comparisons": comparisons, "oof": oof}
+        {m: i for i, m in enumerate([*POOLING_MODES, EXPECTED, *readouts])})).reset_index(drop=True)
+    if len(gap):
+        gap = _with_cell_info(gap, info, patch_px)
+    return {"auc": table, "dilution": dil, "detectable": det, "comparisons": comparisons, "gap_closure": gap, "oof": oof}
 
 
 def _with_cell_info(df: pd.DataFrame, info: pd.DataFrame, patch_px: pd.Series) -> pd.DataFrame:
@@ -420,16 +445,20 @@ def _with_cell_info(df: pd.DataFrame, info: pd.DataFrame, patch_px: pd.Series) -
     return out.sort_values(["order"], kind="stable").drop(columns="order").reset_index(drop=True)
 
 
-def analyse_store(store: str | os.PathLike, **kw) -> dict[str, Any]:
-    """:func:`analyse` on a panel store written by ``cxrcore extract`` / :func:`audit` (no model needed)."""
-    from .store import read_store
+def analyse_store(store: str | os.PathLike, *, readouts: Sequence[str] = (), **kw) -> dict[str, Any]:
+    """:func:`analyse` on a panel store written by ``cxrcore extract`` / :func:`audit` (no model needed).
+
+    ``readouts``: box-free readouts to add; the store must hold grids (``--store-grid``).
+    """
+    from .store import read_grids, read_store
 
     emb = read_store(store)
     panel = (emb.provenance or {}).get("panel")
     if not panel:
         raise ValueError(f"{store}: the store was extracted without a perturbation panel; an audit needs one "
                          "(cxrcore extract --panel audit, or cxrcore audit)")
-    return analyse(emb, panel["cells"], **kw)
+    grids = read_grids(store) if readouts else None
+    return analyse(emb, panel["cells"], grids=grids, readouts=readouts, **kw)
 
 
 # -- figures and the card -------------------------------------------------------------------------
@@ -456,15 +485,19 @@ def dilution_figure(auc: pd.DataFrame, dilution: pd.DataFrame, *, threshold: flo
         axes = list(ax_arr.ravel())
         for ax in axes[len(series):]:
             ax.axis("off")
-    modes = [m for m in POOLING_MODES if m in set(auc["pooling"])]
+    present = set(auc["pooling"])
+    modes = [m for m in (*POOLING_MODES, *READOUT_PALETTE) if m in present]
+    palette = {**POOLING_PALETTE, **READOUT_PALETTE}
     for ax, s in zip(axes, series):
         sub = auc[auc["series"] == s]
         d = dilution[dilution["series"] == s].sort_values("footprint_px")
         for j, m in enumerate(modes):
             r = sub[sub["pooling"] == m].sort_values("footprint_px")
-            x = r["footprint_px"].to_numpy() * 2 ** ((j - 1) * 0.06)  # small dodge on the log axis
+            x = r["footprint_px"].to_numpy() * 2 ** ((j - (len(modes) - 1) / 2) * 0.05)  # small dodge on the log axis
             err = np.vstack([(r["auc"] - r["ci_low"]).clip(lower=0), (r["ci_high"] - r["auc"]).clip(lower=0)])
-            ax.errorbar(x, r["auc"], yerr=err, fmt="o-", color=POOLING_PALETTE[m], label=m, capsize=2, ms=4, lw=1.2)
+            box_free = m in READOUT_PALETTE
+            ax.errorbar(x, r["auc"], yerr=err, fmt="s:" if box_free else "o-", color=palette[m], label=m, capsize=2,
+                        ms=3.5 if box_free else 4, lw=1.0 if box_free else 1.2)
         if len(d):
             ax.plot(d["footprint_px"], d["expected_auc"], ls="--", color=POOLING_PALETTE["patch_mean"], lw=1.3,
                     label="mean-pooling expectation")
@@ -531,6 +564,37 @@ def dilution_shown(dilution: pd.DataFrame) -> pd.DataFrame:
         "cls AUC": [num(v, "{:.3f}") for v in d["cls_auc"]],
         "cls below": ["yes" if v else "" for v in d["cls_below_expectation"]],
     })
+
+
+def _box_free_section(record: Mapping) -> str:
+    """The card's 'without a box' section: gap closure of each box-free readout (empty without readouts)."""
+    from .readouts import needs_table
+
+    rows = record.get("gap_closure") or []
+    if not rows:
+        return ""
+    g = pd.DataFrame(rows)
+    g = g[~g["score"].isin(["cls", "roi_local"])]
+
+    def ci(a, lo, hi, fmt="{:.2f}"):
+        if a is None or pd.isna(a):
+            return "–"
+        return fmt.format(a) + ("" if lo is None or pd.isna(lo) else f" [{fmt.format(lo)}, {fmt.format(hi)}]")
+
+    shown = pd.DataFrame({
+        "series": g["series"], "footprint": [f"{v:g} px" for v in g["footprint_px"]], "score": g["score"],
+        "AUC [95% CI]": [ci(a, b, c, "{:.3f}") for a, b, c in zip(g["auc"], g["auc_ci_low"], g["auc_ci_high"])],
+        "roi_local - cls gap": [f"{v:.3f}" for v in g["gap"]],
+        "share of the gap closed [95% CI]": [ci(a, b, c) for a, b, c in zip(g["closure"], g["closure_ci_low"], g["closure_ci_high"])],
+        "p vs cls (BH)": ["–" if pd.isna(p) else f"{p:.2g}" for p in g["p_adj"]],
+        f"FPR at {g['sensitivity'].iloc[0]:.0%} sensitivity (cls)": [f"{a:.2f} ({b:.2f})" for a, b in zip(g["fpr"], g["fpr_cls"])],
+    })
+    needs = needs_table(["cls", "patch_mean", "roi_local", *record["parameters"].get("readouts", [])])
+    return ("<h2>Without a box: box-free readouts</h2><p>Readouts of the same forward pass's patch-token grid that need no "
+            "box at test time. <i>Share of the gap closed</i> = (AUC &minus; AUC<sub>cls</sub>) / (AUC<sub>roi_local</sub> "
+            "&minus; AUC<sub>cls</sub>), with a patient-bootstrap CI (blank where the gap is under 0.05); the FPR is "
+            "measured on the unperturbed images at the threshold keeping that share of perturbed ones. What each needs:</p>"
+            + _html_table(needs) + "<details><summary>Gap closure per cell</summary>" + _html_table(shown) + "</details>")
 
 
 def _png_base64(fig) -> str:
@@ -622,6 +686,7 @@ linear readout along w reaches AUC &asymp; &Phi;(k&middot;&delta; / (N&middot;&s
 expectation (it can find a direction where images vary less) or fall short of it (it must estimate a direction from
 few images).</p>
 {_html_table(dil_shown)}
+{_box_free_section(record)}
 <details><summary>AUC of every cell and pooling mode</summary>{_html_table(per_cell)}</details>
 <h2>Provenance</h2>
 <div class="meta">cxrcore {html.escape(version)} · encoder spec: <code>{html.escape(json.dumps(enc['spec'], default=str))}</code> ·
@@ -708,6 +773,11 @@ def build_record(found: Mapping[str, pd.DataFrame], *, encoder: Mapping, cohort:
                                    "cls_auc", "cls_ci_high", "cls_below_expectation"]),
         "detectable": _records(found["detectable"], ["series", "kind", "strength", "pooling", "threshold", "reached",
                                                      "footprint_px", "footprint_patches", "largest_px"]),
+        "gap_closure": _records(found.get("gap_closure", pd.DataFrame()),
+                                ["cell", "series", "footprint_px", "footprint_patches", "score", "needs", "auc",
+                                 "auc_ci_low", "auc_ci_high", "gap", "closure", "closure_ci_low", "closure_ci_high",
+                                 "delta", "delta_ci_low", "delta_ci_high", "p_value", "p_adj", "fpr", "fpr_ci_low",
+                                 "fpr_ci_high", "fpr_cls", "sensitivity"]),
         "flags": [str(c) for c in dil.loc[dil["cls_below_expectation"], "cell"]],
         "verdict": verdict,
         "timing": _clean(dict(timing)),
@@ -731,7 +801,7 @@ def audit(encoder_key: str, *, weights: str | os.PathLike | None = None, stand_i
           seed: int = 0, n_images: int | None = None, n_boot: int | None = None, n_splits: int = 4,
           threshold: float = DEFAULT_THRESHOLD, panel: str | os.PathLike | None = None, image_size: int = 512,
           cohort_options: Mapping | None = None, batch_size: int = 16, num_workers: int | None = None,
-          progress: bool = True, encoder=None) -> AuditResult:
+          progress: bool = True, encoder=None, readouts: bool | Sequence[str] = False) -> AuditResult:
     """Run the small-lesion audit of one encoder into ``out`` (resumable); return what it found.
 
     ``encoder_key``: a registered key, ``timm:<name>`` or ``hf:<id>``. ``quick``: the
@@ -740,6 +810,9 @@ def audit(encoder_key: str, *, weights: str | os.PathLike | None = None, stand_i
     ``cohort``: any cohort name (``synthetic`` is generated at ``image_size`` px; the
     others read ``data_root``). ``dtype``: ``torch.bfloat16`` for autocast on a GPU.
     ``encoder``: an already loaded encoder (the book reuses one); it must match ``encoder_key``.
+    ``readouts``: True (all) or names of box-free readouts (:mod:`cxrcore.readouts`) to add
+    beside the pooling modes; the patch grids are then stored (``out/store-grids``, float16:
+    about passes x grid cells x width x 2 bytes, ~1 GB for the full sweep of a 768-wide ViT).
     Writes ``out/store`` (the extraction store), ``out/audit.json`` and ``out/audit.html``.
     """
     import torch
@@ -772,16 +845,30 @@ def audit(encoder_key: str, *, weights: str | os.PathLike | None = None, stand_i
                                dtype=dtype or torch.float32, input_size=input_size)
     elif encoder.key != encoder_key:
         raise ValueError(f"encoder {encoder.key!r} was passed for encoder_key {encoder_key!r}; they must agree")
+    from .readouts import READOUTS
+
+    box_free = list(READOUTS) if readouts is True else list(readouts or ())
+    bad = [r for r in box_free if r not in READOUTS]
+    if bad:
+        raise ValueError(f"unknown readout(s) {bad}; accepted: {list(READOUTS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    store_dir = out / "store"
+    # a store with grids has another provenance than one without: they live side by side
+    store_dir = out / ("store-grids" if box_free else "store")
     res = extract(encoder, data, store_dir, panel=pan, n_images=n_images, seed=seed, batch_size=batch_size,
-                  num_workers=num_workers, progress=progress, cohort_options=opts)
+                  num_workers=num_workers, progress=progress, cohort_options=opts, store_grid=bool(box_free))
     t_extract = time.perf_counter() - t0
     t1 = time.perf_counter()
     emb = read_store(store_dir)
     panel_cells = emb.provenance["panel"]["cells"]
-    found = analyse(emb, panel_cells, n_splits=n_splits, n_boot=n_boot, threshold=threshold, seed=seed)
+    grids = None
+    if box_free:
+        from .store import read_grids
+
+        grids = read_grids(store_dir)
+    found = analyse(emb, panel_cells, n_splits=n_splits, n_boot=n_boot, threshold=threshold, seed=seed, grids=grids,
+                    readouts=box_free)
+    del grids
     g = encoder.grid_shape
     is_synthetic = bool(getattr(data, "synthetic", False))
     label = provenance_label(data.name, is_synthetic, bool(encoder.stand_in))
@@ -794,7 +881,7 @@ def audit(encoder_key: str, *, weights: str | os.PathLike | None = None, stand_i
     manifest = read_manifest(store_dir)
     parameters = {"seed": int(seed), "n_images": int(n_images), "n_boot": n_boot, "n_splits": int(n_splits),
                   "threshold": float(threshold), "ci_level": 0.95, "quick": bool(quick), "image_size": int(image_size),
-                  "pooling": list(POOLING_MODES)}
+                  "pooling": list(POOLING_MODES), "readouts": box_free}
     timing = {"extract_seconds": t_extract, "analysis_seconds": time.perf_counter() - t1,
               "wall_seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0}
     record = build_record(
@@ -802,7 +889,7 @@ def audit(encoder_key: str, *, weights: str | os.PathLike | None = None, stand_i
         cohort={"name": data.name, "synthetic": is_synthetic, "n_images": int(n_images), "options": _clean(opts)},
         panel={"name": pan.name, "description": pan.description, "cells": cells_rec},
         parameters=parameters,
-        store={"path": "store", "fingerprint": manifest.get("fingerprint"), "chunks_total": res.chunks_total,
+        store={"path": store_dir.name, "fingerprint": manifest.get("fingerprint"), "chunks_total": res.chunks_total,
                "chunks_resumed": res.chunks_done_before, "chunks_written": res.chunks_written,
                "forward_passes": res.passes},
         timing=timing, label=label, stand_in=bool(encoder.stand_in), synthetic=is_synthetic)
@@ -862,6 +949,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--n-splits", type=int, default=4, help="patient-grouped probe folds (default 4)")
     a.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"AUC the lower 95%% CI bound must exceed to call a footprint detected (default {DEFAULT_THRESHOLD})")
+    a.add_argument("--readouts", action="store_true", help="also the box-free readouts (gem, patch_max, topk_mean, "
+                   "mil; cxrcore.readouts) from the stored patch grids (float16, kept in DIR/store-grids)")
     a.add_argument("--seed", type=int, default=0, help="seed of the cohort, placements, folds and bootstrap")
     a.add_argument("--image-size", type=int, default=512, help="side of the synthetic phantoms (px)")
     a.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
@@ -884,7 +973,7 @@ def run(args: argparse.Namespace) -> int:
                 quick=args.quick, out=args.out, seed=args.seed, n_images=args.n_images, n_boot=args.n_boot,
                 n_splits=args.n_splits, threshold=args.threshold, panel=args.panel, image_size=args.image_size,
                 cohort_options=dict(args.cohort_option), batch_size=args.batch_size, num_workers=args.num_workers,
-                progress=not args.no_progress)
+                progress=not args.no_progress, readouts=bool(args.readouts))
     for line in res.verdict:
         print(f"- {line}")
     t = res.record["timing"]

@@ -264,7 +264,8 @@ class LSEMIL(BaseEstimator):
     are all that is learned (small on purpose: a few hundred training images), by full-batch
     L-BFGS on the class-balanced logistic loss plus ``weight_decay / 2 * |w|^2``, in float64
     on the CPU, from zero (deterministic: no random initialisation). Bags are streamed in
-    chunks of ``chunk`` grids, so float16 grids are never converted all at once.
+    chunks of ``chunk`` grids, so float16 grids are never converted all at once (the
+    converted training bags are kept between L-BFGS evaluations only up to ``cache_mb``).
     ``threads``: torch threads while fitting and scoring (restored after). 1 by default: the
     ops are small, and on a shared 2-core machine two threads made a 16-element loss ~40x
     slower (thread hand-off); None keeps torch's setting.
@@ -272,20 +273,33 @@ class LSEMIL(BaseEstimator):
     """
 
     def __init__(self, r: float = 4.0, weight_decay: float = 1e-2, max_iter: int = 100, chunk: int = 16,
-                 random_state: int = 0, threads: int | None = 1):
+                 random_state: int = 0, threads: int | None = 1, cache_mb: float = 256):
         self.r = r
         self.weight_decay = weight_decay
         self.max_iter = max_iter
         self.chunk = chunk
         self.random_state = random_state
         self.threads = threads
+        self.cache_mb = cache_mb
 
-    def _logits(self, a: np.ndarray, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # float64: the loss is not convex (softplus of minus a convex pooling for positives), so rounding that
-        # depends on the chunking would otherwise steer L-BFGS to different stationary points
-        z = (torch.from_numpy(a.astype(np.float64)) - torch.from_numpy(self.mean_)) / torch.from_numpy(self.scale_)
-        s = z @ w
+    def _logits(self, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Bag logits of raw tokens ``a`` [b, N, D] (float64): standardising is folded into the weights."""
+        inv = torch.from_numpy(1.0 / self.scale_)
+        s = a @ (w * inv) - (torch.from_numpy(self.mean_) * inv) @ w
         return b + (torch.logsumexp(self.r * s, dim=1) - math.log(s.shape[1])) / self.r
+
+    def _bags(self, X):
+        """``(start, float64 tokens)`` per chunk; kept in memory when they fit in ``cache_mb``, else re-read each pass.
+
+        float64: the loss is not convex (softplus of minus a convex pooling for positives), so
+        rounding that depends on the chunking would otherwise steer L-BFGS to different
+        stationary points.
+        """
+        per_grid = int(np.prod(X.shape[1:])) * 8
+        if per_grid * len(X) <= self.cache_mb * 2**20:
+            cached = [(s, torch.from_numpy(a.astype(np.float64))) for s, a in _chunks(X, self.chunk)]
+            return lambda: iter(cached)
+        return lambda: ((s, torch.from_numpy(a.astype(np.float64))) for s, a in _chunks(X, self.chunk))
 
     def fit(self, X, y):
         with _torch_threads(self.threads):
@@ -302,6 +316,7 @@ class LSEMIL(BaseEstimator):
         n_pos = float(y.sum())
         pos_weight = torch.tensor((len(y) - n_pos) / n_pos, dtype=torch.float64)
         yt = torch.from_numpy(y)
+        bags = self._bags(X)
         with torch.random.fork_rng():
             torch.manual_seed(self.random_state)
             w = torch.zeros(d, dtype=torch.float64, requires_grad=True)
@@ -313,7 +328,7 @@ class LSEMIL(BaseEstimator):
             def closure():
                 opt.zero_grad()
                 total = 0.0
-                for s, a in _chunks(X, self.chunk):
+                for s, a in bags():
                     logit = self._logits(a, w, b)
                     loss = torch.nn.functional.binary_cross_entropy_with_logits(
                         logit, yt[s:s + a.shape[0]], pos_weight=pos_weight, reduction="sum") / n
@@ -331,7 +346,8 @@ class LSEMIL(BaseEstimator):
 
     def decision_function(self, X) -> np.ndarray:
         with torch.no_grad(), _torch_threads(self.threads):
-            return np.concatenate([self._logits(a, self.w_, self.b_).numpy() for _, a in _chunks(X, self.chunk)])
+            return np.concatenate([self._logits(torch.from_numpy(a.astype(np.float64)), self.w_, self.b_).numpy()
+                                   for _, a in _chunks(X, self.chunk)])
 
 
 # -- out-of-fold scores of every readout --------------------------------------------------------------

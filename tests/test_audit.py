@@ -212,3 +212,20 @@ def test_register_adds_the_subcommand_to_a_parser():
     assert args.run is A.run and args.encoder == "timm:vit_small_patch16_224" and args.quick and args.device == "cuda"
     with pytest.raises(SystemExit):
         p.parse_args(["audit", "rad-dino", "--stand-in", "--weights", "w", "--out", "d"])  # one or the other
+
+
+def test_audit_with_box_free_readouts(tmp_path):
+    panel = tmp_path / "tiny.yml"
+    panel.write_text(TINY_PANEL)
+    out = tmp_path / "out"
+    assert A.main(["rad-dino", "--stand-in", "--panel", str(panel), "--n-images", "8", "--n-boot", "20",
+                   "--n-splits", "2", "--image-size", "128", "--input-size", "112", "--num-workers", "0",
+                   "--no-progress", "--readouts", "--out", str(out)]) == 0
+    rec = json.loads((out / "audit.json").read_text())
+    A.validate_record(rec)
+    assert rec["store"]["path"] == "store-grids" and (out / "store-grids").is_dir() and not (out / "store").exists()
+    assert rec["parameters"]["readouts"] == ["gem", "patch_max", "topk_mean", "mil"]
+    assert {r["pooling"] for r in rec["auc"]} == {"cls", "patch_mean", "roi_local", "gem", "patch_max", "topk_mean", "mil"}
+    assert {r["score"] for r in rec["gap_closure"]} >= {"gem", "patch_max", "mil"}
+    assert all(r["needs"] for r in rec["gap_closure"])
+    assert "Without a box" in (out / "audit.html").read_text()
