@@ -72,7 +72,8 @@ from .perturb import PerturbationCell
 from .pooling import POOLING_MODES
 from .store import Embeddings, geometry_from_json
 
-__all__ = ["AuditResult", "QUICK", "FULL", "SCHEMA_FILE", "analyse", "analyse_store", "audit", "detectable_footprint",
+__all__ = ["AuditResult", "QUICK", "FULL", "SCHEMA_FILE", "analyse", "analyse_store", "audit", "cards_figure",
+           "detectable_footprint", "flags_table", "footprints_side_by_side",
            "dilution_figure", "dilution_shown", "dilution_table", "footprint_table", "effective_patch_px", "expected_auc", "load_schema", "main",
            "register", "run", "series_name", "validate_record", "verdict_lines"]
 
@@ -83,6 +84,8 @@ SCHEMA_VERSION = 1
 FULL = {"panel": "audit", "n_images": 48, "n_boot": 1000}
 QUICK = {"panel": "audit-quick", "n_images": 32, "n_boot": 200}
 DEFAULT_THRESHOLD = 0.75
+#: A cell is flagged (cls below the dilution expectation) only where the expected AUC is at least this.
+FLAG_MIN_EXPECTED = 0.55
 #: Label of the mean-pooling expectation in tables and figures.
 EXPECTED = "patch_mean expected"
 #: Colours of the box-free readouts (cxrcore.readouts), beside report.POOLING_PALETTE's pooling modes.
@@ -197,33 +200,38 @@ def dilution_table(emb: Embeddings, folds: np.ndarray, *, n_boot: int = 500, ci:
         p0, p1 = pm[i0].astype(np.float64), pm[i1].astype(np.float64)
         k = k_all[i1]
         n_tok = n_all[i1]
-        delta = np.full(len(i1), np.nan)
-        s0 = np.full(len(i1), np.nan)
-        s1 = np.full(len(i1), np.nan)
-        for fold in np.unique(f):
-            test = f == fold
+        fold_ids, fi = np.unique(f, return_inverse=True)
+        fi = fi.reshape(-1)
+        # every fold's readout direction w, from the other folds' pairs; all images projected on each
+        proj0 = np.zeros((len(fold_ids), len(i1)))
+        proj1 = np.zeros((len(fold_ids), len(i1)))
+        delta = np.zeros(len(i1))
+        for j in range(len(fold_ids)):
+            test = fi == j
             w = d_roi[~test].mean(axis=0)
             norm = np.linalg.norm(w)
-            if not norm > 0:  # no change at all under the boxes of the other folds
-                delta[test], s0[test], s1[test] = 0.0, p0[test, 0], p0[test, 0]
+            if not norm > 0:  # no change at all under the boxes of the other folds: no direction, no shift
                 continue
             w /= norm
             delta[test] = d_roi[test] @ w
-            s0[test], s1[test] = p0[test] @ w, p1[test] @ w
+            proj0[j], proj1[j] = p0 @ w, p1 @ w
         pred = k * delta / n_tok
+        rows_ = np.arange(len(i1))
+        s0, s1 = proj0[fi, rows_], proj1[fi, rows_]
+        exp, sd, z0, z1 = _expectation(pred, fi, proj0, rows_, s0, s1)
+        # bootstrap whole patients; each fold's w is not refitted: the CI is of the estimate given w
         groups = meta.loc[i1, "patient_id"].to_numpy()
-        exp, sd, z0, z1 = _expectation(pred, s0, s1, f)
-        # bootstrap whole patients; w (fixed per fold) is not refitted: the CI is of the estimate given w
         codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
         n_groups = int(codes.max()) + 1
         single = n_groups == len(codes)  # one image per patient: a drawn patient is a drawn pair
         members = None if single else [np.flatnonzero(codes == g) for g in range(n_groups)]
+        by_code = codes.argsort()
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), c_i]))
         reps = np.full(int(n_boot), np.nan)
         for r in range(reps.shape[0]):
             drawn = rng.integers(0, n_groups, n_groups)
-            idx = codes.argsort()[drawn] if single else np.concatenate([members[g] for g in drawn])
-            reps[r] = _expectation(pred[idx], s0[idx], s1[idx], f[idx])[0]
+            idx = by_code[drawn] if single else np.concatenate([members[g] for g in drawn])
+            reps[r] = _expectation(pred[idx], fi[idx], proj0, idx)[0]
         lo, hi = np.nanquantile(reps, [(1 - ci) / 2, 1 - (1 - ci) / 2]) if np.isfinite(reps).any() else (np.nan, np.nan)
         measured = float(np.mean(s1 - s0))
         predicted = float(np.mean(pred))
@@ -237,31 +245,25 @@ def dilution_table(emb: Embeddings, folds: np.ndarray, *, n_boot: int = 500, ci:
     return pd.DataFrame(rows)
 
 
-def _expectation(pred: np.ndarray, s0: np.ndarray, s1: np.ndarray, f: np.ndarray):
-    """Expected AUC from per-pair predicted shifts, with sigma pooled over folds (one w per fold).
+def _expectation(pred: np.ndarray, fi: np.ndarray, proj0: np.ndarray, idx: np.ndarray, s0=None, s1=None):
+    """Expected AUC from per-pair predicted shifts ``pred`` (pairs in folds ``fi``).
 
-    Returns (expected AUC, pooled sigma, standardised unperturbed and perturbed projections).
+    ``proj0[j]``: the unperturbed patch_mean of every image projected on fold j's w; sigma_j is
+    its SD over the images ``idx`` (all images, not only the fold's: w comes from roi_local
+    differences, not from patch_mean levels, and the spread is then estimated from n images
+    rather than n / folds). Returns (expected AUC, sigma pooled over folds, and, when ``s0`` /
+    ``s1`` are given, the projections standardised by their fold's mean and sigma).
     """
-    z_pred = np.empty_like(pred)
-    z0, z1 = np.empty_like(s0), np.empty_like(s1)
-    ss, dof = 0.0, 0
-    for fold in np.unique(f):
-        m = f == fold
-        if m.sum() < 2:
-            z_pred[m] = z0[m] = z1[m] = np.nan
-            continue
-        sd = float(np.std(s0[m], ddof=1))
-        ss += sd * sd * (m.sum() - 1)
-        dof += int(m.sum() - 1)
-        mu = float(np.mean(s0[m]))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z_pred[m] = pred[m] / sd
-            z0[m], z1[m] = (s0[m] - mu) / sd, (s1[m] - mu) / sd
+    sub = proj0[:, idx]
+    sd = sub.std(axis=1, ddof=1) if sub.shape[1] > 1 else np.full(len(proj0), np.nan)
+    mu = sub.mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z_pred = pred / sd[fi]
+        z0 = None if s0 is None else (s0 - mu[fi]) / sd[fi]
+        z1 = None if s1 is None else (s1 - mu[fi]) / sd[fi]
     ok = np.isfinite(z_pred)
-    if not ok.any():
-        return np.nan, np.nan, z0, z1
-    exp = float(expected_auc(np.mean(z_pred[ok]), 1.0))
-    return exp, math.sqrt(ss / dof) if dof else np.nan, z0, z1
+    exp = float(expected_auc(np.mean(z_pred[ok]), 1.0)) if ok.any() else np.nan
+    return exp, float(np.sqrt(np.nanmean(sd ** 2))), z0, z1
 
 
 # -- detectable footprint ------------------------------------------------------------------------
@@ -297,21 +299,23 @@ KIND_WORDS = {"nodule": "nodule-like opacity", "iso_blur": "isotropic blur", "di
 
 
 def verdict_lines(detectable: pd.DataFrame, dilution: pd.DataFrame, *, threshold: float, label: str,
-                  stand_in: bool, synthetic: bool) -> list[str]:
+                  stand_in: bool, synthetic: bool, preamble: bool = True) -> list[str]:
     """The card's plain-language verdict: per series, from which footprint each pooling mode detects the change.
 
     ``detectable``: :func:`detectable_footprint` rows with ``series``, ``kind``,
     ``strength_name``, ``strength``; ``dilution``: :func:`dilution_table` rows with
-    ``cls_below_expectation``.
+    ``cls_below_expectation``. ``preamble``: start with how the numbers were produced and
+    what "detected" means (False: the findings only).
     """
     lines = []
-    if stand_in or synthetic:
+    if preamble and (stand_in or synthetic):
         what = " and ".join(w for w, on in (("a random-weight stand-in encoder", stand_in),
                                              ("a synthetic phantom cohort", synthetic)) if on)
         lines.append(f"Produced with {what} ({label}): this card checks the pipeline and shows the dilution "
                      "mechanism; it says nothing about the published model.")
-    lines.append(f"Detected means the AUC's lower 95% bound exceeds {threshold:g}; footprints are disk diameters "
-                 "in original pixels (patches in brackets).")
+    if preamble:
+        lines.append(f"Detected means the AUC's lower 95% bound exceeds {threshold:g}; footprints are disk diameters "
+                     "in original pixels (patches in brackets).")
     for series, part in detectable.groupby("series", sort=False):
         first = part.iloc[0]
         what = KIND_WORDS.get(first["kind"], first["kind"]) + series[len(first["kind"]):]
@@ -322,17 +326,17 @@ def verdict_lines(detectable: pd.DataFrame, dilution: pd.DataFrame, *, threshold
             text = f"no pooling mode detects it at any footprint up to {largest:g} px"
         else:
             bits = []
+            roi_fp = d.loc["roi_local", "footprint_px"] if "roi_local" in d.index and d.loc["roi_local", "reached"] else None
             for m in modes:
                 r = d.loc[m]
-                if r["reached"]:
-                    bits.append(f"{m} detects it from {_fp(r['footprint_px'], r['footprint_patches'])}")
-                else:
+                if not r["reached"]:
                     bits.append(f"{m} does not detect it up to {largest:g} px")
+                elif m == "cls" and roi_fp is not None and r["footprint_px"] > roi_fp:
+                    bits.append(f"cls detects it only from {_fp(r['footprint_px'], r['footprint_patches'])}, missing "
+                                f"the footprints from {roi_fp:g} px that roi_local already detects")
+                else:
+                    bits.append(f"{m} detects it from {_fp(r['footprint_px'], r['footprint_patches'])}")
             text = "; ".join(bits)
-            if "cls" in d.index and d.loc["cls", "reached"] and "roi_local" in d.index and d.loc["roi_local", "reached"] \
-                    and d.loc["cls", "footprint_px"] > d.loc["roi_local", "footprint_px"]:
-                text += (f" (cls does not detect it below {d.loc['cls', 'footprint_px']:g} px, where roi_local "
-                         f"already does from {d.loc['roi_local', 'footprint_px']:g} px)")
         box_free = [m for m in READOUT_PALETTE if m in d.index]
         if box_free:
             text += "; without a box at test time: " + ", ".join(
@@ -351,7 +355,7 @@ def verdict_lines(detectable: pd.DataFrame, dilution: pd.DataFrame, *, threshold
                      "averaging all tokens would.")
     else:
         lines.append("cls is nowhere significantly below the mean-pooling expectation (its upper 95% bound "
-                     "reaches the expectation in every cell).")
+                     f"reaches the expectation wherever averaging would give an AUC of {FLAG_MIN_EXPECTED:g} or more).")
     return lines
 
 
@@ -368,6 +372,13 @@ class AuditResult:
     verdict: list[str]
     out: Path | None = None
     paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def findings(self) -> list[str]:
+        """The verdict without its preamble (how it was produced, what 'detected' means): for side-by-side tables."""
+        r = self.record
+        return verdict_lines(self.detectable, self.dilution, threshold=r["parameters"]["threshold"], label=r["label"],
+                             stand_in=r["stand_in"], synthetic=r["synthetic"], preamble=False)
 
 
 def analyse(emb: Embeddings, panel_cells: Sequence[Mapping], *, n_splits: int = 4, n_boot: int = 1000,
@@ -422,7 +433,9 @@ def analyse(emb: Embeddings, panel_cells: Sequence[Mapping], *, n_splits: int = 
     cls = table[table["pooling"] == "cls"].set_index("cell")
     dil["cls_auc"] = dil["cell"].map(cls["auc"])
     dil["cls_ci_high"] = dil["cell"].map(cls["ci_high"])
-    dil["cls_below_expectation"] = (dil["cls_ci_high"] < dil["expected_auc"]).fillna(False).astype(bool)
+    # only where averaging alone would see something: below FLAG_MIN_EXPECTED there is too little for cls to lose
+    dil["cls_below_expectation"] = ((dil["cls_ci_high"] < dil["expected_auc"])
+                                    & (dil["expected_auc"] >= FLAG_MIN_EXPECTED)).fillna(False).astype(bool)
     expected_rows = dil.assign(pooling=EXPECTED, auc=dil["expected_auc"], ci_low=dil["expected_ci_low"],
                                ci_high=dil["expected_ci_high"])
     det = detectable_footprint(pd.concat([table, expected_rows[table.columns.intersection(expected_rows.columns)]],
@@ -532,6 +545,66 @@ def dilution_figure(auc: pd.DataFrame, dilution: pd.DataFrame, *, threshold: flo
             fig.suptitle(sup, fontsize=10)
         fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
+
+
+def cards_figure(results: Mapping[str, "AuditResult"], *, threshold: float = DEFAULT_THRESHOLD, label: str = "",
+                 title: str = "Small-lesion audit: AUC against footprint, per encoder (rows) and series (columns)"):
+    """Several audits side by side: one row of :func:`dilution_figure` panels per encoder (same series in each row)."""
+    import matplotlib.pyplot as plt
+
+    from .report import set_style
+
+    set_style()
+    keys = list(results)
+    series = list(dict.fromkeys(s for k in keys for s in results[k].auc["series"]))
+    fig, axes = plt.subplots(len(keys), len(series), figsize=(3.1 * len(series) + 1.2, 2.6 * len(keys) + 1.0),
+                             sharey=True, squeeze=False)
+    for i, k in enumerate(keys):
+        r = results[k]
+        dilution_figure(r.auc, r.dilution, threshold=threshold, axes=list(axes[i]))
+        axes[i, 0].set_ylabel(f"{k}\nAUC (95% CI)", fontsize=9)
+        if i < len(keys) - 1:
+            for ax in axes[i]:
+                ax.set_xlabel("")
+        if i:
+            for ax in axes[i]:
+                ax.set_title("")
+    handles, labels = {}, {}
+    for ax in axes.ravel():
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), frameon=False, loc="lower center", ncol=len(handles), fontsize=8)
+    fig.suptitle("\n".join(t for t in (title, f"({label})" if label else "") if t), fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def footprints_side_by_side(results: Mapping[str, "AuditResult"]) -> pd.DataFrame:
+    """Detectable footprints of several audits: one row per series and pooling mode, one column per encoder."""
+    parts = []
+    for k, r in results.items():
+        d = r.detectable
+        parts.append(d.assign(encoder=k, shown=[_fp(x.footprint_px, x.footprint_patches) if x.reached
+                                                else f"not reached (<= {x.largest_px:g} px)" for x in d.itertuples()]))
+    long = pd.concat(parts, ignore_index=True)
+    wide = long.pivot_table(index=["series", "pooling"], columns="encoder", values="shown", aggfunc="first",
+                            sort=False).reset_index()
+    wide.columns.name = None
+    return wide[["series", "pooling", *results]]
+
+
+def flags_table(results: Mapping[str, "AuditResult"]) -> pd.DataFrame:
+    """Per audit: cells where cls falls below the dilution expectation, the median spill ratio, and the cells where
+    the fitted ``patch_mean`` probe beats the expectation (its lower CI bound above it)."""
+    rows = []
+    for key, r in results.items():
+        d = r.dilution.set_index("cell")
+        pm = r.auc[r.auc["pooling"] == "patch_mean"].set_index("cell")["ci_low"].reindex(d.index)
+        flagged = d.index[d["cls_below_expectation"]]
+        rows.append({"encoder": key, "cells": len(d), "cls below expectation": len(flagged),
+                     "which": ", ".join(flagged) or "none", "median spill ratio": float(d["spill_ratio"].median()),
+                     "patch_mean above expectation": int((pm > d["expected_auc"]).sum())})
+    return pd.DataFrame(rows)
 
 
 def footprint_table(detectable: pd.DataFrame) -> pd.DataFrame:
@@ -669,7 +742,7 @@ cohort <code>{html.escape(coh['name'])}</code>, {coh['n_images']} base images ·
 <p>Each point: out-of-fold AUC of a linear probe telling perturbed from unperturbed images (95% patient-cluster
 bootstrap CI, {par['n_boot']} replicates, {par['n_splits']} patient-grouped folds). Dashed: the analytic
 mean-pooling expectation with its bootstrap band; dotted: the threshold {par['threshold']:g}; red crosses: cells where
-<code>cls</code>'s upper 95% bound is below the expectation.</p>
+<code>cls</code>'s upper 95% bound is below an expectation of at least {FLAG_MIN_EXPECTED:g}.</p>
 <h2>Detectable footprint</h2>
 <p>The smallest footprint whose AUC lower 95% bound exceeds {par['threshold']:g}; patches = footprint / effective patch
 side in original pixels ({enc['effective_patch_px']:.1f} px for these images).</p>

@@ -229,3 +229,19 @@ def test_audit_with_box_free_readouts(tmp_path):
     assert {r["score"] for r in rec["gap_closure"]} >= {"gem", "patch_max", "mil"}
     assert all(r["needs"] for r in rec["gap_closure"])
     assert "Without a box" in (out / "audit.html").read_text()
+
+
+def test_side_by_side_helpers(mean_shift_audit):
+    found, _ = mean_shift_audit
+    rec = {"parameters": {"threshold": 0.75}, "label": "synthetic tokens", "stand_in": False, "synthetic": True}
+    res = A.AuditResult(rec, found["auc"], found["dilution"], found["detectable"], found["comparisons"], [])
+    both = {"a": res, "b": res}
+    wide = A.footprints_side_by_side(both)
+    assert list(wide.columns) == ["series", "pooling", "a", "b"]
+    assert set(wide["pooling"]) == {"cls", "patch_mean", "roi_local", A.EXPECTED}
+    flags = A.flags_table(both).set_index("encoder")
+    assert flags.loc["a", "cls below expectation"] == 3 and flags.loc["a", "median spill ratio"] == pytest.approx(1.0)
+    assert not any(line.startswith(("Produced with", "Detected means")) for line in res.findings)
+    assert any("roi_local detects it from" in line for line in res.findings)
+    fig = A.cards_figure(both, label="synthetic tokens")
+    assert len(fig.axes) == 2 * 1
