@@ -53,7 +53,6 @@ import io
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -862,7 +861,11 @@ def build_record(found: Mapping[str, pd.DataFrame], *, encoder: Mapping, cohort:
 
 # -- the command ------------------------------------------------------------------------------
 def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (DataLoader workers)."""
+    """CPU time of this process and of its finished children (DataLoader workers); this process only off POSIX."""
+    try:
+        import resource
+    except ImportError:  # Windows: no rusage of children
+        return time.process_time()
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
