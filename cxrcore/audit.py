@@ -426,7 +426,7 @@ def analyse(emb: Embeddings, panel_cells: Sequence[Mapping], *, n_splits: int = 
     table = _with_cell_info(table, info, patch_px)
     comparisons = compare_table(oof, scores, "arm", pairs=[(a, "cls") for a in ("roi_local", "patch_mean", *readouts)
                                                            if a in scores],
-                                by=["cell"], family=["a"], group_col="patient_id", n_boot=n_boot, ci=ci, seed=seed)
+                                by=["cell"], family=["a"], group_col="patient_id", ci=ci, seed=seed)
     dil = dilution_table(emb, folds, n_boot=n_boot, ci=ci, seed=seed)
     dil = _with_cell_info(dil, info, patch_px)
     cls = table[table["pooling"] == "cls"].set_index("cell")
@@ -884,7 +884,7 @@ def audit(encoder_key: str, *, weights: str | os.PathLike | None = None, stand_i
     reduced sweep (panel ``audit-quick``, 32 images, 200 bootstrap replicates) instead of
     the full one (``audit``, 48, 1000); ``n_images``/``n_boot``/``panel`` override either.
     ``cohort``: any cohort name (``synthetic`` is generated at ``image_size`` px; the
-    others read ``data_root``). ``dtype``: ``torch.bfloat16`` for autocast on a GPU.
+    others read ``data_root``). ``dtype``: as :func:`cxrcore.load_encoder` (``"bfloat16"`` loads bf16 weights on a GPU).
     ``encoder``: an already loaded encoder (the book reuses one); it must match ``encoder_key``.
     ``readouts``: True (all) or names of box-free readouts (:mod:`cxrcore.readouts`) to add
     beside the pooling modes; the patch grids are then stored (``out/store-grids``, float16:
@@ -1030,7 +1030,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="seed of the cohort, placements, folds and bootstrap")
     a.add_argument("--image-size", type=int, default=512, help="side of the synthetic phantoms (px)")
     a.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    a.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (GPUs)")
+    a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights and forward-pass dtype, as for cxrcore extract (bfloat16 on GPUs)")
     a.add_argument("--input-size", type=int, help="override the encoder's input side (a multiple of its patch size)")
     a.add_argument("--batch-size", type=int, default=16, help="forward-pass batch size")
     a.add_argument("--num-workers", type=int, help="DataLoader workers (default: CPU count - 1, max 8)")
@@ -1042,10 +1043,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``audit`` sub-command; prints the verdict and where the card is."""
-    import torch
-
     res = audit(args.encoder, weights=args.weights, stand_in=args.stand_in, cohort=args.cohort, data_root=args.data_root,
-                device=args.device, dtype=torch.bfloat16 if args.bf16 else torch.float32, input_size=args.input_size,
+                device=args.device, dtype=args.dtype, input_size=args.input_size,
                 quick=args.quick, out=args.out, seed=args.seed, n_images=args.n_images, n_boot=args.n_boot,
                 n_splits=args.n_splits, threshold=args.threshold, panel=args.panel, image_size=args.image_size,
                 cohort_options=dict(args.cohort_option), batch_size=args.batch_size, num_workers=args.num_workers,

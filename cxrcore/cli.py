@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--out", required=True, help="store directory (created; an existing store is resumed)")
 
+    from . import audit  # its sub-command lives beside the function it runs (cxrcore.audit.audit)
+
+    audit.register(sub)
     st = sub.add_parser("status", help="images done, missing and duplicated in a store, and which shard to rerun; "
                         "exit status 0 only when complete with nothing stored twice")
     st.add_argument("store", help="store directory (written by cxrcore extract)")
@@ -229,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_extract(args)
         if args.command == "status":
             return run_status(args)
+        if args.command == "audit":
+            return args.run(args)
     except (StoreError, ValueError, KeyError, FileNotFoundError, ImportError) as e:
         # expected, user-fixable problems: the message says what to do; no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -479,7 +479,7 @@ def gap_closure_table(scores: pd.DataFrame, label_col: str, *, readouts: Sequenc
     aucs = auc_table(scores, cols, label_col, by=by or None, score_name="score", group_col=group_col, n_boot=n_boot,
                      ci=ci, seed=seed)
     tests = compare_table(scores, cols, label_col, pairs=[(c, "cls") for c in cols if c != "cls"], by=by or None,
-                          family=["a"], group_col=group_col, n_boot=n_boot, ci=ci, seed=seed)
+                          family=["a"], group_col=group_col, ci=ci, seed=seed)
     rows = []
     strata = scores.groupby(by, sort=False) if by else [((), scores)]
     for k_stratum, (key, part) in enumerate(strata):

@@ -181,3 +181,11 @@ def test_import_cxrcore_does_not_import_ray():
             "cxrcore.cli.build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_audit_is_a_cxrcore_sub_command(tmp_path, capsys):
+    assert main(["audit", "no-such-encoder", "--stand-in", "--quick", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cxrcore audit: error:") and "rad-dino" in err  # says what is accepted
+    with pytest.raises(SystemExit):
+        main(["audit", "rad-dino", "--dtype", "float64", "--out", str(tmp_path / "b")])

@@ -241,3 +241,13 @@ def test_pass_pins_its_pixels_for_the_dataloader(monkeypatch):
     p = Pass(0, None, [], [{}], pixels=torch.zeros(3, 8, 8))
     out = pin_memory((3, [p]))
     assert out[1][0] is p and pinned == [torch.Size([3, 8, 8])]
+
+
+def test_weights_id_of_every_stand_in():
+    """Every family's stand-in hashes (the ResNet's 0-dim BatchNorm counters included) and two loads agree."""
+    from cxrcore.encoders import list_encoders
+    from cxrcore.extract import weights_id
+
+    for key in list_encoders():
+        a = weights_id(cxrcore.load_encoder(key, stand_in=True))
+        assert a.startswith("stand-in:") and a == weights_id(cxrcore.load_encoder(key, stand_in=True)), key
