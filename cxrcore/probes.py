@@ -126,8 +126,8 @@ def _row_space_basis(Z: np.ndarray) -> np.ndarray | None:
 
 
 # Rows per chunk in the passes that stream over X (scaler, standardised copy, scores):
-# 64 MiB of float32 per chunk keeps sklearn's float64 temporaries in the scaler small.
-_STREAM_BYTES = 64 * 2**20
+# 16 MiB of float32 per chunk keeps sklearn's float64 temporaries in the scaler small.
+_STREAM_BYTES = 16 * 2**20
 # Rows per chunk of the torch objective: on a CPU a chunk small enough to stay in cache is
 # gathered and centred once and read from cache by both products (X @ w, then X.T @ r); on
 # a GPU large chunks amortise the launch cost.
