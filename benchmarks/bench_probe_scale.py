@@ -11,13 +11,13 @@ grouped inner CV and refits. Wall time on a shared machine moves with its load; 
 
 Every path runs in its own fresh subprocess on the same data (generated there from one seed),
 so ru_maxrss is that path's peak; "above data" is the peak minus the resident size once X is
-built. Paths:
+built. Each runs under an address-space limit of the memory free at its start (less 1 GB),
+so a path that does not fit stops with MemoryError rather than push other processes out of
+memory. Paths:
 
 - old: ``cxrcore/probes.py`` as of commit 33c25df (before this benchmark), read from git:
   each fold copies ``X[~test]``; StandardScaler.fit makes a float64 ``X - mean``; the
-  standardised copy is fitted by scikit-learn's lbfgs. Run under an address-space limit of
-  the memory available, so where it does not fit it stops with MemoryError instead of
-  waking the kernel's OOM killer.
+  standardised copy is fitted by scikit-learn's lbfgs.
 - sklearn: ``LinearProbe(solver="sklearn")`` now: rows passed by index, scaler fitted in
   chunks, one standardised float32 copy of the training rows for scikit-learn.
 - torch: ``LinearProbe(solver="torch")`` on the CPU (what solver="auto" picks at these
@@ -124,10 +124,11 @@ def child(args) -> None:
     from sklearn.base import clone
     from sklearn.metrics import roc_auc_score
 
-    if args.child == "old":
-        # address space mapped now (libraries) plus the memory free at launch, less 1 GB
-        limit = vm_size() + int(args.mem_limit)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # every path may use the address space mapped now (libraries) plus the memory free at
+    # launch less 1 GB: a path that does not fit stops with MemoryError instead of waking
+    # the kernel's OOM killer on a shared machine
+    limit = vm_size() + int(args.mem_limit)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     X, y, pid = make_data(args.n, args.d)
     folds = probes.grouped_folds(y, pid, n_splits=5, seed=0)
@@ -219,8 +220,6 @@ def main() -> None:
           f"CUDA {'yes' if torch.cuda.is_available() else 'no (no GPU column)'}", flush=True)
     res = {}
     for p in paths:
-        # the old path may need several times X: cap it at what is free now (less 1 GB), so
-        # that it fails with MemoryError rather than push other processes out of memory
         res[p] = run_child(p, args, mem_limit=max(1e9, mem_available() - 1e9))
         r = res[p]
         print(f"  {p:<10} {'ok' if r.get('ok') else r.get('error', 'failed')}  {r.get('wall', float('nan')):.1f} s",

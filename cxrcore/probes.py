@@ -446,6 +446,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     features, 128 MiB of float32), else sklearn. Both pick C by the same inner CV.
     device: where the torch solver runs ("cpu", "cuda", "cuda:1", ...). Off the CPU the
     training rows are copied to the device once per fit; scores are computed on the CPU.
+
+    Fitted: ``coef_``/``intercept_`` (float32, on standardised features), ``scaler_``,
+    ``C_``, ``cv_auc_`` (mean inner-CV AUC per C, None for a single C), ``solver_`` (the
+    solver used), ``n_iter_`` and ``converged_`` of the final fit, and ``grad_max_``: the
+    largest absolute gradient of the objective at the solution (what ``tol`` bounds),
+    computed the same way for both solvers.
     """
 
     def __init__(
