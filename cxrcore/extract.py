@@ -248,8 +248,7 @@ def encode_batch(encoder: Encoder, passes: Sequence[Pass], *, store_grid: bool =
         x = torch.stack([p.pixels.to(encoder.device, non_blocking=True) for p in passes])
         geoms = [p.geometry for p in passes]
         glob, grid = encoder.forward(x)
-        roi, owner, visible = roi_local(grid, geoms, boxes, return_visible=True)
-        excluded = excluded_reasons(visible)
+        roi, owner, visible, excluded = roi_local(grid, geoms, boxes, return_visible=True, return_reasons=True)
         cls_, pm = glob.cpu().numpy(), patch_mean(grid).cpu().numpy()
         grid_np = grid.half().cpu().numpy() if store_grid else None  # float16 on the device: half the copy
     else:
@@ -1073,8 +1072,9 @@ def _select_boxes(d: Path, prov: Mapping, cohort: Cohort, meta: pd.DataFrame, fe
                 row.update(roi_visible=meta.at[hit[0], "roi_visible"], roi_excluded=meta.at[hit[0], "roi_excluded"])
                 roi.append(feats["roi_local"][hit[0]])
             else:
-                frac = float(geometry_from_json(meta.at[first, "geometry"]).visible_fraction([xy])[0])
-                reason = excluded_reasons(np.array([frac]))[0]
+                geom = geometry_from_json(meta.at[first, "geometry"])
+                frac = float(geom.visible_fraction([xy])[0])
+                reason = excluded_reasons(np.array([frac]), in_image=geom.in_image_fraction([xy]))[0]
                 row.update(roi_visible=frac, roi_excluded=reason or None)
                 roi.append(None)
                 need.append((len(roi) - 1, int(meta.loc[first, "pass_id"]), xy))
