@@ -910,7 +910,7 @@ def _expected_encoder(key: str, encoder: "Encoder | None", weights: "str | None"
     """What the store's ``encoder`` provenance must say for this analysis, without loading the model."""
     from dataclasses import asdict
 
-    from .encoders import encoder_spec
+    from .encoders import encoder_options, encoder_spec
     from .encoders.base import read_descriptor
 
     if encoder is not None:
@@ -921,10 +921,10 @@ def _expected_encoder(key: str, encoder: "Encoder | None", weights: "str | None"
         desc = read_descriptor(weights)
         d = asdict(spec)
         d.pop("arch", None)
+        size, geometry, resize_short = encoder_options(key, weights=weights, input_size=input_size)
         d.update(weights="random-weight stand-in" if stand_in else str(weights if weights is not None else spec.weights),
-                 stand_in=bool(stand_in or (desc and desc.get("stand_in"))),
-                 input_size=int(input_size or (desc.get("input_size") if desc else None) or spec.input_size),
-                 patch_size=int(spec.patch_size), dtype=str(dtype))
+                 stand_in=bool(stand_in or (desc and desc.get("stand_in"))), input_size=size, geometry=geometry,
+                 resize_short=resize_short, patch_size=int(spec.patch_size), dtype=str(dtype))
         if weights is not None and Path(str(weights)).expanduser().exists():
             d["weights_id"] = weights_source_id(str(weights))
     for k in DESCRIPTIVE_FIELDS:  # the published model's table facts are not provenance (Encoder.provenance drops them)

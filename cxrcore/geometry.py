@@ -227,6 +227,10 @@ class Geometry:
         """
         if tuple(image.shape[-2:]) != self.src_hw:
             raise ValueError(f"image is {tuple(image.shape[-2:])}, geometry was made for {self.src_hw}")
+        if image.device.type != "cpu" and image.dtype == torch.uint8:
+            # torchvision has no native uint8 kernel off the CPU: the pixels would differ (module docstring)
+            raise ValueError(f"an 8-bit image on {image.device} would be resampled by a different kernel than on the "
+                             "CPU; resample on the CPU (Geometry.pixels) and copy the result to the device")
         x = image.unsqueeze(0)
         left, right, top, bottom = self.pad
         if any(self.pad):

@@ -196,3 +196,9 @@ def test_in_image_fraction_is_against_the_image_not_the_crop():
     np.testing.assert_allclose(g.in_image_fraction(boxes), [1.0, 0.25, 0.0, 0.5])
     np.testing.assert_allclose(g.visible_fraction(boxes), [0.0, 0.0, 0.0, 0.0])
 
+
+def test_eight_bit_images_on_another_device_are_not_resampled_there():
+    """torchvision has a native uint8 kernel only on the CPU; elsewhere it casts, clamps and rounds (other pixels)."""
+    g = make_geometry((150, 180), 112, 14, "resize")
+    with pytest.raises(ValueError, match="resample on the CPU"):
+        g.apply(torch.zeros(1, 150, 180, dtype=torch.uint8, device="meta"))
