@@ -248,8 +248,7 @@ def encode_batch(encoder: Encoder, passes: Sequence[Pass], *, store_grid: bool =
         x = torch.stack([p.pixels.to(encoder.device, non_blocking=True) for p in passes])
         geoms = [p.geometry for p in passes]
         glob, grid = encoder.forward(x)
-        roi, owner, visible = roi_local(grid, geoms, boxes, return_visible=True)
-        excluded = excluded_reasons(visible)
+        roi, owner, visible, excluded = roi_local(grid, geoms, boxes, return_visible=True, return_reasons=True)
         cls_, pm = glob.cpu().numpy(), patch_mean(grid).cpu().numpy()
         grid_np = grid.half().cpu().numpy() if store_grid else None  # float16 on the device: half the copy
     else:
@@ -912,7 +911,7 @@ def _expected_encoder(key: str, encoder: "Encoder | None", weights: "str | None"
     """What the store's ``encoder`` provenance must say for this analysis, without loading the model."""
     from dataclasses import asdict
 
-    from .encoders import encoder_spec
+    from .encoders import encoder_options, encoder_spec
     from .encoders.base import read_descriptor
 
     if encoder is not None:
@@ -923,10 +922,10 @@ def _expected_encoder(key: str, encoder: "Encoder | None", weights: "str | None"
         desc = read_descriptor(weights)
         d = asdict(spec)
         d.pop("arch", None)
+        size, geometry, resize_short = encoder_options(key, weights=weights, input_size=input_size)
         d.update(weights="random-weight stand-in" if stand_in else str(weights if weights is not None else spec.weights),
-                 stand_in=bool(stand_in or (desc and desc.get("stand_in"))),
-                 input_size=int(input_size or (desc.get("input_size") if desc else None) or spec.input_size),
-                 patch_size=int(spec.patch_size), dtype=str(dtype))
+                 stand_in=bool(stand_in or (desc and desc.get("stand_in"))), input_size=size, geometry=geometry,
+                 resize_short=resize_short, patch_size=int(spec.patch_size), dtype=str(dtype))
         if weights is not None and Path(str(weights)).expanduser().exists():
             d["weights_id"] = weights_source_id(str(weights))
     for k in DESCRIPTIVE_FIELDS:  # the published model's table facts are not provenance (Encoder.provenance drops them)
@@ -1074,8 +1073,9 @@ def _select_boxes(d: Path, prov: Mapping, cohort: Cohort, meta: pd.DataFrame, fe
                 row.update(roi_visible=meta.at[hit[0], "roi_visible"], roi_excluded=meta.at[hit[0], "roi_excluded"])
                 roi.append(feats["roi_local"][hit[0]])
             else:
-                frac = float(geometry_from_json(meta.at[first, "geometry"]).visible_fraction([xy])[0])
-                reason = excluded_reasons(np.array([frac]))[0]
+                geom = geometry_from_json(meta.at[first, "geometry"])
+                frac = float(geom.visible_fraction([xy])[0])
+                reason = excluded_reasons(np.array([frac]), in_image=geom.in_image_fraction([xy]))[0]
                 row.update(roi_visible=frac, roi_excluded=reason or None)
                 roi.append(None)
                 need.append((len(roi) - 1, int(meta.loc[first, "pass_id"]), xy))

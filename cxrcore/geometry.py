@@ -2,7 +2,7 @@
 
 Every encoder turns an image of any size into a square model input in one explicit
 step (pad to square then resize, or resize the shortest edge then centre-crop, or
-stretch). The step is recorded as a :class:`Geometry`, so a box given in original
+stretch, or stretch to a larger square then centre-crop). The step is recorded as a :class:`Geometry`, so a box given in original
 image pixels maps to model-input pixels, and from there to the token-grid cells it
 covers, exactly. Coordinates are continuous pixel-edge coordinates: pixel ``i``
 covers ``[i, i + 1)``, a box ``(x1, y1, x2, y2)`` covers ``[x1, x2) x [y1, y2)``;
@@ -11,12 +11,26 @@ used to resample, so the map is the one the pixels really went through.
 
 Resampling is torchvision's ``resize`` (``torchvision.transforms.v2.functional``), the
 function the Hugging Face image processors (transformers >= 5, torchvision backend)
-and open_clip's / torchvision's tensor transforms call: float images are resampled in
-float (no clipping), 8-bit images in 8 bits (on the CPU torchvision's native uint8
-kernels, which round and clip between the two separable passes, as PIL does), so an
-8-bit radiograph gets the very pixels the reference processor gives it. Families whose
-reference pipeline resizes PIL images (open_clip, torchvision's DINO evaluation) resize
-8-bit images with Pillow itself (``resampler="pil"``).
+and open_clip's / torchvision's tensor transforms call. Float images (16-bit data are
+scaled to [0, 1] floats first) are resampled in float32, no clipping. How an 8-bit image
+is resampled is a convention of each reference pipeline, the ``resampler``
+(:data:`RESAMPLERS`):
+
+- ``"torchvision"``: as uint8, by torchvision's native uint8 kernel, then scaled to
+  [0, 1] (it rounds and clips between the two separable passes). The Hugging Face
+  processors that resize before they rescale (``BitImageProcessor``,
+  ``SiglipImageProcessor``, ``ViTImageProcessor``: the default ``TorchvisionBackend._preprocess``).
+- ``"pil"``: as uint8, by Pillow, then scaled: pipelines that resize PIL images
+  (open_clip's preprocess, torchvision's transforms, timm's eval transform).
+- ``"float"``: scaled to [0, 1] first, then resampled in float32 like any float image:
+  processors that rescale before they resize (``DINOv3ViTImageProcessor._preprocess``)
+  and Google's MedSigLIP serving code (divides by the dtype's maximum, pads, then calls
+  ``SiglipImageProcessor(do_rescale=False)``).
+
+torchvision resamples uint8 natively only on the CPU (on CUDA it casts to float,
+interpolates, clamps and rounds, up to 13 grey levels apart), so the geometry step
+always runs on the CPU (:meth:`Geometry.pixels`); the encoder copies the result to its
+device.
 
 Two library conventions differ between families and are parameters here:
 
@@ -41,11 +55,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-GeometryMode = Literal["pad_square", "center_crop", "resize"]
-GEOMETRY_MODES: tuple[str, ...] = ("pad_square", "center_crop", "resize")
+GeometryMode = Literal["pad_square", "center_crop", "resize", "resize_crop"]
+GEOMETRY_MODES: tuple[str, ...] = ("pad_square", "center_crop", "resize", "resize_crop")
+#: modes that resize to a side (``resize_short``) larger than the input and then centre-crop
+CROP_MODES: tuple[str, ...] = ("center_crop", "resize_crop")
 CROP_ROUNDINGS: tuple[str, ...] = ("floor", "round")
 CELL_RULES: tuple[str, ...] = ("patch", "rf_centre")
-RESAMPLERS: tuple[str, ...] = ("torchvision", "pil")
+#: how an 8-bit image is resampled (see the module docstring)
+RESAMPLERS: tuple[str, ...] = ("torchvision", "pil", "float")
 
 #: Overlap (in cell units) below which a box edge counts as lying on a cell boundary.
 CELL_EDGE_TOLERANCE = 1e-6
@@ -76,7 +93,7 @@ class Geometry:
     crop: tuple[int, int] = (0, 0)  # top, left (resized px)
     cell_rule: str = "patch"
     cell_centre0: float = 0.0
-    resampler: str = "torchvision"  # or "pil": 8-bit images resized by Pillow, as PIL-based pipelines do
+    resampler: str = "torchvision"  # how 8-bit images are resampled: torchvision (uint8) | pil | float
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -101,7 +118,8 @@ class Geometry:
     def visible_window(self) -> tuple[float, float, float, float]:
         """The part of the original image (x1, y1, x2, y2, original pixels) that lands in the model input.
 
-        The whole image for ``pad_square`` and ``resize``; the crop window for ``center_crop``.
+        The whole image for ``pad_square`` and ``resize``; the crop window for ``center_crop``
+        and ``resize_crop``.
         """
         h, w = self.src_hw
         x1, y1, x2, y2 = self.to_original([[0, 0, self.input_hw[1], self.input_hw[0]]])[0]
@@ -113,14 +131,17 @@ class Geometry:
         Area cut away by a centre crop, or lying outside the image itself, is not
         visible. An empty box has fraction 0.
         """
-        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        vx1, vy1, vx2, vy2 = self.visible_window()
-        iw = np.clip(np.minimum(b[:, 2], vx2) - np.maximum(b[:, 0], vx1), 0.0, None)
-        ih = np.clip(np.minimum(b[:, 3], vy2) - np.maximum(b[:, 1], vy1), 0.0, None)
-        area = np.clip(b[:, 2] - b[:, 0], 0.0, None) * np.clip(b[:, 3] - b[:, 1], 0.0, None)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            frac = np.where(area > 0, iw * ih / np.where(area > 0, area, 1.0), 0.0)
-        return np.clip(frac, 0.0, 1.0)
+        return _fraction_inside(boxes, self.visible_window())
+
+    def in_image_fraction(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+        """Fraction of each box's area (``[N]``, in [0, 1]) inside the image's own bounds ``[0, w) x [0, h)``.
+
+        Whatever the preprocessing: a box mostly outside its image has coordinates that
+        are wrong for it (another image's, or another scale's), which is not the loss a
+        centre crop causes (:meth:`visible_fraction`).
+        """
+        h, w = self.src_hw
+        return _fraction_inside(boxes, (0.0, 0.0, float(w), float(h)))
 
     def cell_centres(self, axis: int) -> np.ndarray:
         """Centres of the grid's cells along ``axis`` (0: rows/y, 1: cols/x), input edge coordinates."""
@@ -184,6 +205,20 @@ class Geometry:
         m[r0:r1, c0:c1] = True
         return m
 
+    def pixels(self, image: np.ndarray, interpolation: str = "bicubic", index: int = 0) -> torch.Tensor:
+        """A 2-D grey image of any dtype -> the model input ``[1, h, w]``, float32 in [0, 1], on the CPU.
+
+        8-bit images are resampled as :attr:`resampler` says (see the module docstring);
+        16-bit and float images are scaled to [0, 1] first and resampled in float32.
+        Always on the CPU: torchvision's uint8 kernels exist only there.
+        """
+        from .io import to_unit_float
+
+        a = np.asarray(image)
+        if a.dtype == np.uint8 and a.ndim == 2 and self.resampler != "float":
+            return self.apply(torch.from_numpy(np.ascontiguousarray(a))[None], interpolation).float() / 255.0
+        return self.apply(torch.from_numpy(to_unit_float(a, index))[None], interpolation)
+
     def apply(self, image: torch.Tensor, interpolation: str = "bicubic") -> torch.Tensor:
         """Resample ``image`` ``[C, H, W]`` (float, or uint8 for 8-bit data) into the model input ``[C, h, w]``.
 
@@ -192,6 +227,10 @@ class Geometry:
         """
         if tuple(image.shape[-2:]) != self.src_hw:
             raise ValueError(f"image is {tuple(image.shape[-2:])}, geometry was made for {self.src_hw}")
+        if image.device.type != "cpu" and image.dtype == torch.uint8:
+            # torchvision has no native uint8 kernel off the CPU: the pixels would differ (module docstring)
+            raise ValueError(f"an 8-bit image on {image.device} would be resampled by a different kernel than on the "
+                             "CPU; resample on the CPU (Geometry.pixels) and copy the result to the device")
         x = image.unsqueeze(0)
         left, right, top, bottom = self.pad
         if any(self.pad):
@@ -203,6 +242,18 @@ class Geometry:
         h, w = self.input_hw
         x = x[..., t : t + h, l : l + w]
         return x.squeeze(0)
+
+
+def _fraction_inside(boxes: np.ndarray | Sequence[Sequence[float]], window: Sequence[float]) -> np.ndarray:
+    """Fraction of each box's area inside ``window`` (x1, y1, x2, y2); 0 for an empty box."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    vx1, vy1, vx2, vy2 = window
+    iw = np.clip(np.minimum(b[:, 2], vx2) - np.maximum(b[:, 0], vx1), 0.0, None)
+    ih = np.clip(np.minimum(b[:, 3], vy2) - np.maximum(b[:, 1], vy1), 0.0, None)
+    area = np.clip(b[:, 2] - b[:, 0], 0.0, None) * np.clip(b[:, 3] - b[:, 1], 0.0, None)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(area > 0, iw * ih / np.where(area > 0, area, 1.0), 0.0)
+    return np.clip(frac, 0.0, 1.0)
 
 
 def resample(x: torch.Tensor, size: tuple[int, int], interpolation: str, *, pil: bool = False) -> torch.Tensor:
@@ -257,7 +308,11 @@ def make_geometry(src_hw: tuple[int, int], size: int, stride: int, mode: str = "
     e.g. timm's ``floor(size / crop_pct)``), then centre-crop ``size`` with the offset
     :func:`center_crop_offset` gives for ``crop_rounding`` (sizes truncated with int() as
     transformers and torchvision do). ``resize``: stretch to the square, aspect ratio
-    not kept. ``cell_rule`` / ``cell_centre0``: see :meth:`Geometry.cells`.
+    not kept. ``resize_crop``: stretch to a ``resize_short`` x ``resize_short`` square
+    (aspect not kept), then centre-crop ``size`` (timm's ``crop_mode="squash"``:
+    ``Resize((floor(size / crop_pct),) * 2)`` then ``CenterCrop(size)``; a processor with
+    ``size: {height, width}`` and a centre crop). ``cell_rule`` / ``cell_centre0``: see
+    :meth:`Geometry.cells`.
     """
     h, w = int(src_hw[0]), int(src_hw[1])
     if h < 1 or w < 1:
@@ -297,4 +352,11 @@ def make_geometry(src_hw: tuple[int, int], size: int, stride: int, mode: str = "
     if mode == "resize":
         return Geometry(mode, (h, w), (size, size), size / w, size / h, 0.0, 0.0, stride,
                         resized_hw=(size, size), crop=(0, 0), **cells)
+    if mode == "resize_crop":
+        side = size if resize_short is None else int(resize_short)
+        if side < size:
+            raise ValueError(f"resize_short={side} is smaller than the crop {size}; it must be >= size")
+        off = center_crop_offset(side, size, crop_rounding)
+        return Geometry(mode, (h, w), (size, size), side / w, side / h, -float(off), -float(off), stride,
+                        resized_hw=(side, side), crop=(off, off), **cells)
     raise ValueError(f"unknown geometry mode {mode!r}; expected one of {GEOMETRY_MODES}")

@@ -7,11 +7,16 @@
   covers, the box given in original-image pixels and mapped through the exact
   preprocessing :class:`~cxrcore.geometry.Geometry` (:meth:`~cxrcore.geometry.Geometry.cells`).
 
-A box that the preprocessing mostly cut away (a centre crop drops the image's long
-ends) is not pooled: its visible fraction (box area that is image inside the model
-input) is computed, and a box below :data:`MIN_VISIBLE_FRACTION` is excluded, its
-``roi_local`` row NaN, with the reason :func:`exclusion_reason` names; a batch never fails
-for one box. Pooling is a pure function of tokens and geometry, so ROIs can be re-pooled
+A box is not pooled, its ``roi_local`` row NaN with a counted reason, for one of two
+causes, told apart because they mean different things (a batch never fails for one box):
+
+- :func:`outside_image_reason`: less than :data:`MIN_VISIBLE_FRACTION` of the box lies
+  inside its image's own bounds. Its coordinates are wrong for this image (a
+  coordinate error), whatever the preprocessing; checked first.
+- :func:`exclusion_reason`: the box is inside its image, but the preprocessing cut it
+  away (a centre crop drops the image's long ends), so less than
+  :data:`MIN_VISIBLE_FRACTION` of it is image inside the model input (its visible
+  fraction, ``roi_visible``). Pooling is a pure function of tokens and geometry, so ROIs can be re-pooled
 later from a stored patch grid (the box-jitter analysis) without a new forward pass.
 Means are taken in float32 whatever dtype the encoder ran in.
 """
@@ -41,17 +46,33 @@ def patch_mean(grid: torch.Tensor) -> torch.Tensor:
 
 
 def exclusion_reason(min_visible: float | None = None) -> str:
-    """The reason recorded for a box left out of ``roi_local`` (one string per threshold, so counts group)."""
+    """The reason recorded for a box inside its image that the preprocessing cut away (one string per threshold)."""
     t = MIN_VISIBLE_FRACTION if min_visible is None else float(min_visible)
     return f"box cropped away: less than {t:.0%} of it inside the model input"
 
 
-def excluded_reasons(visible: np.ndarray, min_visible: float | None = None) -> np.ndarray:
-    """Per box: ``""`` when pooled, else :func:`exclusion_reason` (object array aligned with ``visible``)."""
+def outside_image_reason(min_visible: float | None = None) -> str:
+    """The reason recorded for a box mostly outside its image's bounds: a coordinate error, not a crop."""
+    t = MIN_VISIBLE_FRACTION if min_visible is None else float(min_visible)
+    return (f"box outside the image bounds: less than {t:.0%} of it inside the image "
+            "(check that its coordinates are this image's pixels)")
+
+
+def excluded_reasons(visible: np.ndarray, min_visible: float | None = None,
+                     in_image: np.ndarray | None = None) -> np.ndarray:
+    """Per box: ``""`` when pooled, else the reason (object array aligned with ``visible``).
+
+    ``in_image`` (:meth:`~cxrcore.geometry.Geometry.in_image_fraction`) tells a box
+    outside its image (:func:`outside_image_reason`) from one cropped away
+    (:func:`exclusion_reason`); without it every exclusion is counted as cropped away.
+    """
     t = MIN_VISIBLE_FRACTION if min_visible is None else float(min_visible)
     v = np.asarray(visible, np.float64)
     out = np.full(v.shape, "", dtype=object)
     out[(v < t) | (v <= 0)] = exclusion_reason(t)
+    if in_image is not None:
+        f = np.asarray(in_image, np.float64)
+        out[(f < t) | (f <= 0)] = outside_image_reason(t)
     return out
 
 
@@ -71,7 +92,8 @@ def roi_local(
     *,
     min_visible: float | None = None,
     return_visible: bool = False,
-) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return_reasons: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Mean of the patch tokens of the cells each box covers.
 
     ``grid`` is ``[B, h, w, D]``; ``boxes[i]`` lists image ``i``'s boxes in its own
@@ -79,37 +101,49 @@ def roi_local(
     with ``return_visible=True`` also ``visible [n_boxes]`` (the fraction of each box
     inside the model input), rows in input order. A box whose visible fraction is
     below ``min_visible`` (default :data:`MIN_VISIBLE_FRACTION`) or zero keeps its row,
-    filled with NaN; :func:`excluded_reasons` gives the reason per row.
+    filled with NaN, as does a box less than ``min_visible`` inside its image's bounds;
+    ``return_reasons=True`` appends the reason per row (``""`` when pooled, see
+    :func:`excluded_reasons`).
     """
     g = torch.as_tensor(grid)
     d = g.shape[-1]
     t = MIN_VISIBLE_FRACTION if min_visible is None else float(min_visible)
     empty = (np.zeros((0, d), np.float32), np.zeros(0, np.int64))
+
+    def result(out: tuple, visible: np.ndarray, reasons: np.ndarray) -> tuple:
+        return (*out, *((visible,) if return_visible else ()), *((reasons,) if return_reasons else ()))
+
+    nothing = (np.zeros(0), np.zeros(0, dtype=object))
     if boxes is None:
-        return (*empty, np.zeros(0)) if return_visible else empty
+        return result(empty, *nothing)
     if len(boxes) != g.shape[0]:
         raise ValueError(f"boxes has {len(boxes)} entries but there are {g.shape[0]} images; give one (possibly empty) list of boxes per image")
     rows: list[torch.Tensor | None] = []
     owner: list[int] = []
-    visible: list[float] = []
+    visible: list[np.ndarray] = []
+    reasons: list[np.ndarray] = []
     for i, (geom, img_boxes) in enumerate(zip(geometries, boxes)):
         if tuple(g.shape[1:3]) != geom.grid:
             raise ValueError(f"image {i}: token grid {tuple(g.shape[1:3])} does not match its geometry's grid {geom.grid}")
         checked = [_check_box(i, box) for box in img_boxes or ()]
-        vis = geom.visible_fraction(checked) if checked else np.zeros(0)
-        for box, v in zip(checked, vis):
+        if not checked:
+            continue
+        vis = geom.visible_fraction(checked)
+        why = excluded_reasons(vis, t, geom.in_image_fraction(checked))  # the one rule for what is pooled
+        visible.append(vis)
+        reasons.append(why)
+        for box, r in zip(checked, why):
             owner.append(i)
-            visible.append(float(v))
-            if v < t or v <= 0:
+            if r:
                 rows.append(None)
                 continue
             r0, r1, c0, c1 = geom.cells(box)
             rows.append(g[i, r0:r1, c0:c1].float().mean(dim=(0, 1)))
     if not owner:
-        return (*empty, np.zeros(0)) if return_visible else empty
+        return result(empty, *nothing)
     roi = np.full((len(owner), d), np.nan, np.float32)
     kept = [k for k, r in enumerate(rows) if r is not None]
     if kept:
         roi[kept] = torch.stack([rows[k] for k in kept]).cpu().numpy().astype(np.float32)
-    out = (roi, np.asarray(owner, np.int64))
-    return (*out, np.asarray(visible, np.float64)) if return_visible else out
+    return result((roi, np.asarray(owner, np.int64)), np.concatenate(visible).astype(np.float64),
+                  np.concatenate(reasons))

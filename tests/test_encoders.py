@@ -305,5 +305,30 @@ def test_hf_wrapper_follows_the_models_processor(stand_ins, tmp_path, monkeypatc
                       resample=3, image_mean=[0.5307] * 3, image_std=[0.2583] * 3).save_pretrained(tmp_path / "v2")
     spec = encoder_spec(f"hf:{tmp_path / 'v2'}")
     assert (spec.geometry, spec.interpolation, spec.mean) == ("center_crop", "bicubic", (0.5307,) * 3)
-    assert processor_geometry({"size": {"height": 448, "width": 448}, "resample": 3}, ("pad_square", "bilinear")) \
-        == ("resize", "bicubic")
+    from transformers import SiglipImageProcessor
+
+    pre = processor_geometry(SiglipImageProcessor(size={"height": 448, "width": 448}, resample=3))
+    assert (pre["geometry"], pre["interpolation"], pre["input_size"]) == ("resize", "bicubic", 448)
+    with pytest.raises(ValueError, match="without a square crop"):
+        processor_geometry(BitImageProcessor(size={"shortest_edge": 256}, do_center_crop=False), "hf:x")
+
+
+@pytest.mark.parametrize("kw, match", [({"input_size": 500}, "not a multiple of the patch size 14"),
+                                       ({"input_size": 0}, "positive integer"),
+                                       ({"geometry": "pad_square"}, "not offered"),
+                                       ({"resize_short": 500}, "must be an integer >= input_size 518"),
+                                       ({"input_size": 224, "resize_short": 200}, ">= input_size 224")])
+@pytest.mark.parametrize("source", ["stand_in", "saved"])
+def test_bad_options_raise_before_any_weights_are_read(kw, match, source, stand_ins, tmp_path, monkeypatch):
+    from cxrcore.encoders import Dinov2Encoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    stand_ins("rad-dino").save(tmp_path)
+
+    def build(cls, *a, **k):
+        raise AssertionError("weights were read before the options were checked")
+
+    monkeypatch.setattr(Dinov2Encoder, "build", classmethod(build))
+    load = dict(stand_in=True) if source == "stand_in" else dict(weights=str(tmp_path))
+    with pytest.raises(ValueError, match=match):
+        load_encoder("rad-dino", **load, **kw)

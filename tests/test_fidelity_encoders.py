@@ -442,3 +442,276 @@ def test_spec_states_the_facts_the_encoders_table_shows(key):
     assert isinstance(spec.gated, bool)
     assert spec.gated == (key in ("dinov3-vit7b16", "medsiglip-448"))
     assert str(spec.input_size) in spec.input_size_reason
+
+
+# == second review: each reference pipeline followed to the pixel (defects 1-8 of the review of the enc merge) ==
+# -- 1. how 8-bit images are resampled is read off each transformers processor ------------------------------------
+DINOV3_PROCESSOR = dict(size={"height": 224, "width": 224}, resample=2, do_rescale=True, rescale_factor=1 / 255,
+                        do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
+@pytest.mark.parametrize("hw", [(700, 1000), (1000, 700), (150, 180), (100, 3000)], ids=str)
+def test_dinov3_8bit_pixels_equal_DINOv3ViTImageProcessor(hw):
+    """DINOv3ViTImageProcessor._preprocess rescales to float, then resizes: 8-bit images are resampled as
+    floats (before: as uint8, 0.7-0.98 grey levels apart on non-square images)."""
+    from transformers import DINOv3ViTImageProcessor
+
+    enc = load_encoder("dinov3-vit7b16", stand_in=True)
+    img = _radiograph(*hw)
+    ref = DINOv3ViTImageProcessor(**DINOV3_PROCESSOR)(images=Image.fromarray(img).convert("RGB"),
+                                                      return_tensors="pt")["pixel_values"]
+    m, s = DINOV3_PROCESSOR["image_mean"], DINOV3_PROCESSOR["image_std"]
+    np.testing.assert_allclose(_raw(enc, img), _unnorm(ref, m, s), rtol=0, atol=1e-6)
+    out = enc.encode([img])
+    with torch.inference_mode():
+        t = enc.model(pixel_values=ref).last_hidden_state
+    np.testing.assert_allclose(out.cls, t[:, 0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, want", [("BitImageProcessor", "torchvision"), ("SiglipImageProcessor", "torchvision"),
+                                        ("ViTImageProcessor", "torchvision"), ("DINOv3ViTImageProcessor", "float"),
+                                        ("BitImageProcessorPil", "pil"), ("SiglipImageProcessorPil", "pil")])
+def test_eight_bit_resampling_is_read_off_each_transformers_processor(name, want):
+    from cxrcore.encoders.hf import processor_resampler
+
+    assert processor_resampler(name) == want
+
+
+@pytest.mark.parametrize("model_type, family", [("dinov2", "dinov2"), ("dinov3_vit", "dinov3"), ("siglip", "siglip"),
+                                                ("vit", "vit")])
+def test_each_transformers_family_names_the_processor_transformers_publishes(model_type, family):
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    from cxrcore.encoders.base import FAMILIES
+    from cxrcore.encoders.hf import processor_resampler
+
+    fam = FAMILIES[family]
+    assert fam.processor_class == IMAGE_PROCESSOR_MAPPING_NAMES[model_type]["torchvision"]
+    for key, spec in REGISTRY.items():
+        if spec.family == family:
+            assert load_encoder(key, stand_in=True).resampler == processor_resampler(fam.processor_class)
+
+
+# -- 2. hf: follows its processor exactly; dinov2-b14 offers the published processor's pixels ---------------------
+def _processor_cases():
+    from transformers import BitImageProcessor, SiglipImageProcessor, ViTImageProcessor
+
+    imagenet = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    return {
+        # facebook/dinov2-base preprocessor_config.json
+        "dinov2-base": (BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                          do_center_crop=True, resample=3, **imagenet),
+                        ("center_crop", 224, 256)),
+        "siglip-448": (SiglipImageProcessor(size={"height": 448, "width": 448}, resample=3), ("resize", 448, None)),
+        "vit-resize-then-crop": (ViTImageProcessor(size={"height": 256, "width": 256}, do_center_crop=True,
+                                                   crop_size={"height": 224, "width": 224}, resample=2),
+                                 ("resize_crop", 224, 256)),
+    }
+
+
+@pytest.mark.parametrize("case", ["dinov2-base", "siglip-448", "vit-resize-then-crop"])
+@pytest.mark.parametrize("hw", [(700, 1000), (1001, 700), (150, 180)], ids=str)
+def test_processor_geometry_gives_the_processors_pixels(case, hw):
+    from cxrcore.encoders.hf import processor_geometry, processor_resampler
+
+    proc, (geometry, size, short) = _processor_cases()[case]
+    pre = processor_geometry(proc)
+    assert (pre["geometry"], pre["input_size"], pre["resize_short"]) == (geometry, size, short)
+    g = make_geometry(hw, size, 16 if size % 14 else 14, geometry, resize_short=short,
+                      resampler=processor_resampler(pre["processor_class"]))
+    img = _radiograph(*hw)
+    ref = proc(images=Image.fromarray(img).convert("RGB"), return_tensors="pt")["pixel_values"]
+    ours = g.pixels(img, pre["interpolation"]).numpy()[0]
+    np.testing.assert_allclose(ours, _unnorm(ref, pre["mean"], pre["std"]), rtol=0, atol=1e-6)
+
+
+def test_hf_dir_with_dinov2_bases_processor_gives_AutoImageProcessors_pixels_and_tokens(tmp_path, monkeypatch):
+    """hf:<dir> with facebook/dinov2-base's processor: 224 crop of a 256 shortest edge (before: 518 at crop ratio 1)."""
+    import transformers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    load_encoder("dinov2-b14", stand_in=True).model.save_pretrained(tmp_path)
+    _processor_cases()["dinov2-base"][0].save_pretrained(tmp_path)
+    spec = encoder_spec(f"hf:{tmp_path}")
+    assert (spec.input_size, spec.geometry, spec.resize_short, spec.processor_class) == \
+        (224, "center_crop", 256, "BitImageProcessor")
+    enc = load_encoder(f"hf:{tmp_path}")
+    proc = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+    img = _radiograph(700, 1000)
+    px = proc(images=Image.fromarray(img).convert("RGB"), return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(_raw(enc, img), _unnorm(px, proc.image_mean, proc.image_std), rtol=0, atol=1e-6)
+    out = enc.encode([img], return_grid=True)
+    with torch.inference_mode():
+        t = enc.model(pixel_values=px).last_hidden_state
+    np.testing.assert_allclose(out.cls, t[:, 0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.grid.reshape(1, -1, out.grid.shape[-1]), t[:, 1:].numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(700, 1000), (1000, 701), (300, 411)], ids=str)
+def test_dinov2_b14_at_224_with_resize_short_256_is_BitImageProcessor(hw):
+    from transformers import BitImageProcessor
+
+    spec = encoder_spec("dinov2-b14")
+    assert "resize_short=256" in spec.notes and "resize_short=256" in spec.input_size_reason
+    enc = load_encoder("dinov2-b14", stand_in=True, input_size=224, resize_short=256)
+    proc = BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                             resample=3, image_mean=list(spec.mean), image_std=list(spec.std))
+    img = _radiograph(*hw)
+    ref = proc(images=Image.fromarray(img).convert("RGB"), return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(_raw(enc, img), _unnorm(ref, spec.mean, spec.std), rtol=0, atol=1e-6)
+    assert enc.provenance()["resize_short"] == 256
+    # the registered default is unchanged: 518 at crop ratio 1.0, and input_size alone keeps that ratio
+    assert (load_encoder("dinov2-b14", stand_in=True).resize_short, enc.grid_shape) == (518, (16, 16))
+    assert load_encoder("dinov2-b14", stand_in=True, input_size=224).resize_short == 224
+
+
+# -- 3. timm squash: Resize((floor(S / crop_pct),) * 2) then CenterCrop(S) --------------------------------------------
+@pytest.mark.parametrize("hw", [(700, 1000), (384, 384), (150, 180), (1000, 701)], ids=str)
+def test_timm_squash_with_crop_pct_matches_timms_eval_transform(hw):
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    name = "vit_base_patch16_clip_384.openai_ft_in12k_in1k"  # crop_mode squash, crop_pct 0.95
+    enc = load_encoder(f"timm:{name}", stand_in=True)
+    with torch.device("meta"):
+        cfg = resolve_data_config({}, model=timm.create_model(name, pretrained=False))
+    assert (cfg["crop_mode"], cfg["crop_pct"]) == ("squash", 0.95)
+    assert (enc.geometry, enc.resize_short) == ("resize_crop", 404)  # floor(384 / 0.95)
+    img = _radiograph(*hw)
+    ref = _unnorm(create_transform(**cfg)(Image.fromarray(img).convert("RGB"))[None], cfg["mean"], cfg["std"])
+    np.testing.assert_allclose(_raw(enc, img), ref, rtol=0, atol=2e-6)  # before: 237-245 grey levels apart
+
+
+def test_timm_border_crop_mode_is_refused_and_a_missing_crop_pct_is_timms_default(monkeypatch):
+    import math
+
+    from timm.data.constants import DEFAULT_CROP_PCT
+
+    from cxrcore.encoders import timm_vit
+
+    real = timm_vit._create
+
+    def with_cfg(**over):
+        def create(name, **kw):
+            m = real(name, **kw)
+            m.pretrained_cfg = {**m.pretrained_cfg, **over}
+            return m
+        return create
+
+    monkeypatch.setattr(timm_vit, "_create", with_cfg(crop_mode="border", crop_pct=1.0))
+    with pytest.raises(ValueError, match="crop_mode='border'"):
+        timm_vit.timm_spec("timm:vit_base_patch16_224.augreg_in21k_ft_in1k")
+    monkeypatch.setattr(timm_vit, "_create", with_cfg(crop_pct=None))
+    spec = timm_vit.timm_spec("timm:vit_base_patch16_224.augreg_in21k_ft_in1k")
+    assert spec.resize_short == math.floor(224 / DEFAULT_CROP_PCT) == 256
+
+
+# -- 4. the geometry step runs on the CPU whatever the device ----------------------------------------------------------
+@pytest.mark.parametrize("key", ["rad-dino", "medsiglip-448"])
+def test_uint8_resampling_never_takes_torchvisions_off_cpu_branch(key, monkeypatch):
+    """torchvision consults _do_native_uint8_resize_on_cpu only for a uint8 image on the CPU; off the CPU (CUDA)
+    it casts to float, interpolates, clamps and rounds (the reviewer forced that branch: 1-13 grey levels off).
+    With the encoder on another device (meta here, CUDA on a GPU) the package must still resample on the CPU."""
+    import torchvision.transforms.v2.functional._geometry as G
+
+    calls = []
+    real = G._do_native_uint8_resize_on_cpu
+    monkeypatch.setattr(G, "_do_native_uint8_resize_on_cpu", lambda interp: calls.append(interp) or real(interp))
+    enc = load_encoder(key, stand_in=True, device="meta")
+    img = _radiograph(150, 180)
+    x, _ = enc.preprocess([img])
+    assert x.device.type == "meta"  # copied to the device after the geometry step
+    assert len(calls) == 1  # the uint8 image was resampled on the CPU (before: 0, it was moved to the device first)
+    cpu = load_encoder(key, stand_in=True)
+    calls.clear()
+    cpu.preprocess([img])
+    assert len(calls) == 1
+
+
+# -- 5. MedSigLIP pad_square: Google's serving recipe --------------------------------------------------------------------
+def _google_serving_pixels(img: np.ndarray) -> torch.Tensor:
+    """python/serving/predictor.py (Google-Health/medsiglip): /dtype max to float32, _zero_pad_image_to_square,
+    SiglipImageProcessor(do_rescale=False, size 448x448) (its default resample is bicubic, mean = std = 0.5)."""
+    from transformers import SiglipImageProcessor
+
+    f = img.astype(np.float32) / float(np.iinfo(img.dtype).max)
+    h, w = f.shape
+    if h < w:
+        f = np.pad(f, (((w - h) // 2, w - h - (w - h) // 2), (0, 0)))
+    elif w < h:
+        f = np.pad(f, ((0, 0), ((h - w) // 2, h - w - (h - w) // 2)))
+    proc = SiglipImageProcessor(do_rescale=False, size={"height": 448, "width": 448})
+    return proc(images=np.repeat(f[..., None], 3, axis=-1), return_tensors="pt")["pixel_values"]
+
+
+@pytest.mark.parametrize("hw", [(700, 1000), (1000, 700), (100, 3000), (451, 449)], ids=str)
+def test_medsiglip_pad_square_equals_googles_serving_recipe(hw):
+    enc = load_encoder("medsiglip-448", stand_in=True, geometry="pad_square")
+    assert enc.resampler == "float"
+    img = _radiograph(*hw)
+    ref = _google_serving_pixels(img)
+    # before: resampled as uint8 (clipped bicubic overshoot), 9.6-13.5 grey levels apart
+    np.testing.assert_allclose(_raw(enc, img), _unnorm(ref, [0.5] * 3, [0.5] * 3), rtol=0, atol=2e-6)
+    with torch.inference_mode():
+        o = enc.model(pixel_values=ref)
+    np.testing.assert_allclose(enc.encode([img]).cls, o.pooler_output.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.array_equal(_raw(enc, img), _raw(enc, img.astype(np.uint16) * 257))  # 8 and 16 bits alike, as there
+
+
+# -- 6. Encoder.save writes the equivalent preprocessor_config.json ----------------------------------------------------
+@pytest.mark.parametrize("key, kw", [("rad-dino", {}), ("dinov2-b14", {}),
+                                     ("dinov2-b14", {"input_size": 224, "resize_short": 256}),
+                                     ("dinov3-vit7b16", {}), ("medsiglip-448", {})], ids=str)
+def test_saved_encoder_reads_back_as_hf_dir_and_AutoImageProcessor_with_the_same_pixels(key, kw, tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = load_encoder(key, stand_in=True, **kw)
+    enc.save(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    hf = load_encoder(f"hf:{tmp_path}")
+    assert (hf.spec.mean, hf.spec.std, hf.geometry, hf.input_size, hf.resize_short, hf.resampler) == \
+        (enc.spec.mean, enc.spec.std, enc.geometry, enc.input_size, enc.resize_short, enc.resampler)
+    img = _radiograph(700, 1000)
+    np.testing.assert_array_equal(hf.preprocess([img])[0].numpy(), enc.preprocess([img])[0].numpy())
+    a, b = hf.encode([img], return_grid=True), enc.encode([img], return_grid=True)
+    # (from_pretrained may pick another attention kernel than the class built directly: float round-off)
+    np.testing.assert_allclose(a.cls, b.cls, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.grid, b.grid, rtol=1e-5, atol=1e-6)
+    proc = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+    px = proc(images=Image.fromarray(img).convert("RGB"), return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(_unnorm(px, enc.spec.mean, enc.spec.std), _raw(enc, img), rtol=0, atol=1e-6)
+
+
+def test_hf_refuses_a_cxrcore_dir_whose_preprocessing_no_processor_states(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    load_encoder("medsiglip-448", stand_in=True, geometry="pad_square").save(tmp_path / "pad")
+    assert not (tmp_path / "pad" / "preprocessor_config.json").exists()  # no transformers processor pads
+    load_encoder("rad-dino", stand_in=True).save(tmp_path / "old")
+    (tmp_path / "old" / "preprocessor_config.json").unlink()  # as an older cxrcore saved it
+    for d, key in [("pad", "medsiglip-448"), ("old", "rad-dino")]:
+        with pytest.raises(ValueError, match=f"load_encoder\\('{key}', weights="):
+            encoder_spec(f"hf:{tmp_path / d}")
+    assert load_encoder("rad-dino", weights=str(tmp_path / "old")).spec.mean == (0.5307,) * 3
+
+
+# -- 8. boxes outside the image: their own reason ----------------------------------------------------------------------
+@pytest.mark.parametrize("key", ["medsiglip-448", "rad-dino"])
+def test_boxes_outside_the_image_and_boxes_cropped_away_are_counted_apart(key):
+    from cxrcore.extract import Pass, encode_batch
+    from cxrcore.pooling import exclusion_reason, outside_image_reason
+
+    enc = load_encoder(key, stand_in=True)
+    img = _radiograph(700, 1000)  # RAD-DINO's crop keeps x in [150, 850); MedSigLIP stretches, nothing cut
+    boxes = [(0, 0, 100, 100), (950, 10, 1150, 60), (1200, 10, 1300, 60), (140, 10, 160, 60), (400, 300, 500, 400)]
+    out = enc.encode([img], [boxes])
+    out_r, crop_r = outside_image_reason(), exclusion_reason()
+    want = {"medsiglip-448": ["", out_r, out_r, "", ""], "rad-dino": [crop_r, out_r, out_r, "", ""]}[key]
+    assert out.roi_excluded.tolist() == want  # before: every exclusion read "box cropped away"
+    counts = dict(zip(out.exclusions["reason"], out.exclusions["count"]))
+    assert counts == ({out_r: 2} if key == "medsiglip-448" else {out_r: 2, crop_r: 1})
+    # the extraction path (pixels made in a worker) records the same reasons
+    x, geoms = enc.preprocess([img])
+    rows0 = [{"image_index": 0, "image_id": "a", "box_index": k, "pass_id": 0} for k in range(len(boxes))]
+    rows, _, _ = encode_batch(enc, [Pass(0, None, boxes, rows0, pixels=x[0], geometry=geoms[0])])
+    assert [r["roi_excluded"] or "" for r in rows] == want

@@ -161,3 +161,44 @@ def test_center_crop_matches_the_hf_image_processor(hw):
     shifted = min((ours[:, 1:] - ref[:, :-1]).abs().mean().item(), (ours[1:] - ref[:-1]).abs().mean().item(),
                   (ours[:, :-1] - ref[:, 1:]).abs().mean().item(), (ours[:-1] - ref[1:]).abs().mean().item())
     assert err < 0.01 and err < shifted / 3, (err, shifted)
+
+
+# -- resize_crop (timm's crop_mode="squash"), box fractions, the CPU rule --------------------------------------
+@pytest.mark.parametrize("src_hw, size, side, rounding", [((700, 1000), 384, 404, "round"),
+                                                          ((150, 180), 224, 248, "round"),
+                                                          ((451, 449), 224, 256, "floor"),
+                                                          ((300, 200), 112, 117, "round")])
+def test_resize_crop_maps_a_ramp_exactly(src_hw, size, side, rounding):
+    """Stretch to side x side, crop size: a linear ramp (value = the pixel centre's original coordinate)
+    comes out, away from the borders, as the original coordinate the affine map gives each output pixel
+    (on average; each pixel to the antialiasing filter's discretisation, < 0.1 px), where a crop one pixel
+    off would move every value by w / side > 0.7 px."""
+    h, w = src_hw
+    g = make_geometry(src_hw, size, 16, "resize_crop", resize_short=side, crop_rounding=rounding)
+    off = int(round((side - size) / 2.0)) if rounding == "round" else int((side - size) / 2.0)
+    assert g.resized_hw == (side, side) and g.crop == (off, off) and g.input_hw == (size, size)
+    xs = torch.arange(w, dtype=torch.float32) + 0.5
+    ramp = xs.view(1, 1, w).expand(1, h, w).contiguous()
+    out = g.apply(ramp, "bilinear")[0, size // 2]
+    centres = g.to_original([[j + 0.5, 0, j + 0.5, 0] for j in range(size)])[:, 0]
+    inner = slice(8, size - 8)  # the antialiasing kernel is cut at the image border only
+    err = out[inner].numpy() - centres[inner]
+    assert abs(err.mean()) < 0.01 and np.abs(err).max() < 0.1, (err.mean(), np.abs(err).max())
+    # the visible window is the crop's, in original pixels
+    vx1, vy1, vx2, vy2 = g.visible_window()
+    np.testing.assert_allclose([vx1, vx2], [off * w / side, (off + size) * w / side])
+    np.testing.assert_allclose([vy1, vy2], [off * h / side, (off + size) * h / side])
+
+
+def test_in_image_fraction_is_against_the_image_not_the_crop():
+    g = make_geometry((700, 1000), 518, 14, "center_crop")  # keeps x in [150, 850)
+    boxes = [(0, 0, 100, 100), (950, 10, 1150, 60), (1200, 10, 1300, 60), (-50, 300, 50, 400)]
+    np.testing.assert_allclose(g.in_image_fraction(boxes), [1.0, 0.25, 0.0, 0.5])
+    np.testing.assert_allclose(g.visible_fraction(boxes), [0.0, 0.0, 0.0, 0.0])
+
+
+def test_eight_bit_images_on_another_device_are_not_resampled_there():
+    """torchvision has a native uint8 kernel only on the CPU; elsewhere it casts, clamps and rounds (other pixels)."""
+    g = make_geometry((150, 180), 112, 14, "resize")
+    with pytest.raises(ValueError, match="resample on the CPU"):
+        g.apply(torch.zeros(1, 150, 180, dtype=torch.uint8, device="meta"))

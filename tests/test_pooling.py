@@ -65,3 +65,19 @@ def test_grid_and_geometry_must_agree():
     geo = make_geometry((64, 64), 32, 16, "pad_square")  # a 2x2 grid
     with pytest.raises(ValueError, match="does not match its geometry's grid"):
         roi_local(_grid(b=1), [geo], [[(0, 0, 4, 4)]])
+
+
+@pytest.mark.parametrize("mode", ["resize", "center_crop"])
+def test_a_box_outside_its_image_is_counted_as_a_coordinate_error_not_a_crop(mode):
+    from cxrcore.pooling import exclusion_reason, outside_image_reason
+
+    geo = make_geometry((64, 128), 64, 16, mode)  # center_crop keeps x in [32, 96)
+    boxes = [[(200, 0, 230, 20),  # wholly outside the 128 x 64 image
+              (120, 0, 160, 20),  # 8/40 inside the image
+              (0, 0, 20, 20)]]  # inside the image; cropped away by the centre crop only
+    roi, _, visible, reasons = roi_local(_grid(b=1), [geo], boxes, return_visible=True, return_reasons=True)
+    out, crop = outside_image_reason(), exclusion_reason()
+    assert reasons.tolist() == [out, out, crop if mode == "center_crop" else ""]
+    assert out != crop and "image bounds" in out and "cropped away" in crop
+    assert np.isnan(roi[:2]).all() and np.isfinite(roi[2]).all() == (mode == "resize")
+    np.testing.assert_allclose(visible, [0, 0.2 if mode == "resize" else 0, 1 if mode == "resize" else 0])

@@ -41,14 +41,16 @@ _MEDSIGLIP_448 = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_la
 
 _DINOV2_OBJECTIVE = ("self-distillation (DINO image-level + iBOT masked-token losses, KoLeo regulariser), "
                      "Oquab et al. 2024")
-_MEDSIGLIP_PAD = ("zero-pad the short side to a square, then resize to 448 (bicubic): what Google's MedSigLIP serving "
-                  "code does before SiglipImageProcessor, commented 'method performed in training' "
-                  "(github.com/Google-Health/medsiglip, python/serving/predictor.py, _zero_pad_image_to_square)")
+_MEDSIGLIP_PAD = ("scale to [0, 1] floats, zero-pad the short side to a square, then resize to 448 (bicubic, in "
+                  "float, no clipping): what Google's MedSigLIP serving code does, commented 'method performed in "
+                  "training' (github.com/Google-Health/medsiglip, python/serving/predictor.py: _InputImageIter divides "
+                  "by the dtype's maximum, _zero_pad_image_to_square, then SiglipImageProcessor(do_rescale=False))")
 
 REGISTRY: dict[str, EncoderSpec] = {
     "rad-dino": EncoderSpec(
         key="rad-dino", family="dinov2", weights="microsoft/rad-dino", input_size=518, patch_size=14,
         embed_dim=768, mean=(0.5307,) * 3, std=(0.2583,) * 3, geometry="center_crop", interpolation="bicubic",
+        resize_short=518,
         citation="Perez-Garcia et al. 2025, Nature Machine Intelligence 7:119 (RAD-DINO)", arch=_DINOV2_BASE,
         pretraining_data="public chest X-rays (MIMIC-CXR, CheXpert, NIH ChestX-ray14, PadChest, BRAX; the image "
                          "list is training_images.csv in the model repository), continued from DINOv2-B/14",
@@ -61,14 +63,19 @@ REGISTRY: dict[str, EncoderSpec] = {
     "dinov2-b14": EncoderSpec(
         key="dinov2-b14", family="dinov2", weights="facebook/dinov2-base", input_size=518, patch_size=14,
         embed_dim=768, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, geometry="center_crop", interpolation="bicubic",
+        resize_short=518,
         citation="Oquab et al. 2024, TMLR (DINOv2)", arch=_DINOV2_BASE,
-        notes="run at 518 (37x37 grid); the default HF processor would crop to 224 (16x16)",
+        notes="run at 518 (37x37 grid), crop ratio 1.0; the published processor (BitImageProcessor) resizes the "
+              "shortest edge to 256 and centre-crops 224 (16x16): load_encoder('dinov2-b14', input_size=224, "
+              "resize_short=256) gives its pixels exactly",
         pretraining_data="LVD-142M (142M curated natural images)", objective=_DINOV2_OBJECTIVE,
         input_size_reason="518, not the published processor's 224 crop: DINOv2 ends pretraining with a short "
                           "adaptation at 518x518 (Oquab et al. 2024, 'Adapting the resolution'), so 518 is a "
                           "native resolution of the weights; RAD-DINO, fine-tuned from these weights, runs at 518, so "
                           "both DINOv2-family encoders see the same 37x37 grid and a lesion spans the same number "
-                          "of patches. input_size=224 reproduces the processor's grid (16x16)",
+                          "of patches. input_size=224 alone keeps crop ratio 1.0 (shortest edge 224: the "
+                          "processor's 16x16 grid, a wider field of view); input_size=224, resize_short=256 is the "
+                          "published processor exactly (shortest edge 256, centre crop 224)",
         token_layout="[CLS, 37x37 patch tokens] after the final LayerNorm", cls_embedding="CLS token (768-d)",
         licence="Apache-2.0",
     ),
@@ -95,7 +102,7 @@ REGISTRY: dict[str, EncoderSpec] = {
         weights="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", input_size=224, patch_size=16,
         embed_dim=768, mean=tuple(BIOMEDCLIP_OPEN_CLIP_CONFIG["preprocess_cfg"]["mean"]),
         std=tuple(BIOMEDCLIP_OPEN_CLIP_CONFIG["preprocess_cfg"]["std"]), geometry="center_crop",
-        interpolation="bicubic", citation="Zhang et al. 2025, NEJM AI 2(1) (BiomedCLIP)",
+        interpolation="bicubic", resize_short=224, citation="Zhang et al. 2025, NEJM AI 2(1) (BiomedCLIP)",
         arch=BIOMEDCLIP_OPEN_CLIP_CONFIG, notes="image tower only; cls = 768-d CLS before the 512-d projection",
         pretraining_data="PMC-15M (15M figure-caption pairs from PubMed Central articles)",
         objective="CLIP contrastive image-text loss with a PubMedBERT text tower",
@@ -121,11 +128,13 @@ REGISTRY: dict[str, EncoderSpec] = {
                       "tokens, 1152-d), the embedding SigLIP trains against text",
         licence="Health AI Developer Foundations terms of use (gated)",
         geometry_options={"pad_square": _MEDSIGLIP_PAD},
+        # the serving code rescales every image to float before padding: 8-bit images are resampled as floats
+        option_resamplers={"pad_square": "float"},
     ),
     "dino-resnet50": EncoderSpec(
         key="dino-resnet50", family="torchvision_resnet", weights=DINO_RESNET50_URL, input_size=224, patch_size=32,
         embed_dim=2048, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, geometry="center_crop", interpolation="bicubic",
-        has_cls_token=False, global_pool="gap",
+        has_cls_token=False, global_pool="gap", resize_short=224,
         citation="Caron et al. 2021, ICCV (DINO)", arch={"layers": [3, 4, 6, 3], "width_per_group": 64},
         notes="layer4 cells (stride 32) are the patches; the cls pooling mode is global average pool == patch_mean",
         pretraining_data="ImageNet-1k training images, labels unused",
@@ -172,9 +181,26 @@ def encoder_spec(key: str) -> EncoderSpec:
     )
 
 
+def encoder_options(key: str, *, weights: str | Path | None = None, input_size: int | None = None,
+                    geometry: str | None = None, resize_short: int | None = None) -> tuple[int, str, int | None]:
+    """``(input_size, geometry, resize_short)`` that ``load_encoder`` with these arguments runs with, checked; no weights read.
+
+    A directory written by :meth:`Encoder.save` brings its own options; arguments given override them
+    (``resize_short`` is the saved one only when no option is given).
+    """
+    spec = encoder_spec(key)
+    saved = read_descriptor(weights) or {}
+    if input_size is None and geometry is None and resize_short is None:
+        resize_short = saved.get("resize_short")
+    return FAMILIES[spec.family].resolve_options(
+        spec, saved.get("input_size") if input_size is None else input_size,
+        saved.get("geometry") if geometry is None else geometry, resize_short)
+
+
 def load_encoder(key: str, *, weights: str | Path | None = None, stand_in: bool = False,
                  device: str | torch.device = "cpu", dtype: "torch.dtype | str" = torch.float32,
-                 input_size: int | None = None, geometry: str | None = None) -> Encoder:
+                 input_size: int | None = None, geometry: str | None = None,
+                 resize_short: int | None = None) -> Encoder:
     """Load encoder ``key`` from ``weights`` (hub id, local directory or checkpoint file; default: the published one).
 
     ``stand_in=True`` builds a small seeded random-weight model of the same family, class,
@@ -189,7 +215,11 @@ def load_encoder(key: str, *, weights: str | Path | None = None, stand_in: bool 
 
     ``input_size`` overrides the published input side (a multiple of the patch size);
     ``geometry`` picks one of the spec's ``geometry_options`` instead of the published
-    preprocessing (e.g. ``"pad_square"`` for MedSigLIP). Both are recorded in provenance.
+    preprocessing (e.g. ``"pad_square"`` for MedSigLIP); ``resize_short`` is the side
+    resized to before the centre crop of a crop geometry (default: the spec's crop ratio
+    at ``input_size``; e.g. ``load_encoder("dinov2-b14", input_size=224, resize_short=256)``
+    gives the pixels of DINOv2's published processor). All are recorded in provenance,
+    and checked before any weights are read.
     """
     spec = encoder_spec(key)
     family = FAMILIES[spec.family]
@@ -201,6 +231,9 @@ def load_encoder(key: str, *, weights: str | Path | None = None, stand_in: bool 
     if desc is not None and desc.get("key") != key:
         raise ValueError(f"{weights}/{CXRCORE_ENCODER_FILE} holds encoder {desc.get('key')!r}, not {key!r}; "
                          f"load it with load_encoder({desc.get('key')!r}, weights=...)")
+    # checked against the spec before a (possibly 27 GB) checkpoint is read
+    size, geom, short = encoder_options(key, weights=weights, input_size=input_size, geometry=geometry,
+                                        resize_short=resize_short)
     if stand_in:
         model = family.build(spec, None, stand_in=True, device=device, dtype=dtype)
         src = "random-weight stand-in"
@@ -208,14 +241,12 @@ def load_encoder(key: str, *, weights: str | Path | None = None, stand_in: bool 
         src = str(weights) if weights is not None else spec.weights
         model = family.build(spec, src, stand_in=False, device=device, dtype=dtype)
     is_stand_in = stand_in or bool(desc and desc.get("stand_in"))
-    size = input_size or (desc.get("input_size") if desc else None)
-    geom = geometry or (desc.get("geometry") if desc else None)
     return family(spec, model, weights=src, stand_in=is_stand_in, device=device, dtype=dtype, input_size=size,
-                  geometry=geom)
+                  geometry=geom, resize_short=short)
 
 
 __all__ = [
-    "check_encoders",
+    "check_encoders", "encoder_options",
     "Encoder", "EncoderSpec", "Encoding", "REGISTRY", "WeightsUnavailableError", "encoder_spec", "list_encoders",
     "load_encoder", "vit_flops",
     "BiomedClipEncoder", "Dinov2Encoder", "Dinov2RegistersEncoder", "Dinov3Encoder", "HFViTEncoder", "ResNetEncoder",

@@ -60,6 +60,11 @@ class EncoderSpec:
     std: tuple[float, float, float]
     geometry: str = "center_crop"  # see cxrcore.geometry.make_geometry
     interpolation: str = "bicubic"
+    #: side resized to before the centre crop of a crop geometry (center_crop: the short side; resize_crop:
+    #: both), at `input_size`; None: `input_size` itself (nothing but the long ends cut)
+    resize_short: int | None = None
+    #: the transformers image processor class whose pipeline this is (HF families; "" = the family's own)
+    processor_class: str = ""
     num_register_tokens: int = 0
     has_cls_token: bool = True
     global_pool: str = "cls"  # what the `cls` pooling mode is for this family: cls | pooler | gap
@@ -76,6 +81,9 @@ class EncoderSpec:
     licence: str = "unknown"
     #: other `geometry` modes load_encoder(..., geometry=) accepts, each with the source that motivates it
     geometry_options: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    #: geometry option -> how its reference pipeline resamples 8-bit images (cxrcore.geometry.RESAMPLERS),
+    #: where that differs from the published processor's
+    option_resamplers: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -335,8 +343,14 @@ class Encoder:
     """A frozen encoder behind the common contract (see module docstring).
 
     Family subclasses set ``family`` and implement ``build``, ``build_meta``,
-    ``forward_tokens`` and ``save``. ``crop_rounding``, ``resampler`` and ``cell_rule`` /
+    ``forward_tokens`` and ``save``. ``crop_rounding``, ``library_resampler`` (how the
+    family's reference pipeline resamples 8-bit images; transformers families derive it
+    from their image processor, :meth:`eight_bit_resampler`) and ``cell_rule`` /
     ``cell_centre0`` are the family's library conventions (see :mod:`cxrcore.geometry`).
+
+    The geometry step runs on the CPU whatever ``device`` is (torchvision's uint8
+    kernels exist only there); the normalised pixels are then copied to the device
+    (page-locked and asynchronous on CUDA).
 
     ``dtype`` is the dtype of the weights and of the forward pass: float32 (default),
     or bfloat16 / float16 weights for GPUs (loaded in that dtype, not cast after an
@@ -348,7 +362,7 @@ class Encoder:
     crop_rounding: ClassVar[str] = "floor"
     cell_rule: ClassVar[str] = "patch"
     cell_centre0: ClassVar[float] = 0.0
-    resampler: ClassVar[str] = "torchvision"
+    library_resampler: ClassVar[str] = "torchvision"
     spec: EncoderSpec
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -358,9 +372,8 @@ class Encoder:
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module, *, weights: str, stand_in: bool,
                  device: str | torch.device = "cpu", dtype: "torch.dtype | str" = torch.float32,
-                 input_size: int | None = None, geometry: str | None = None) -> None:
-        from ..geometry import GEOMETRY_MODES
-
+                 input_size: int | None = None, geometry: str | None = None,
+                 resize_short: int | None = None) -> None:
         self.spec = spec
         self.model = model.eval().requires_grad_(False)
         self.weights = weights
@@ -368,27 +381,69 @@ class Encoder:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.patch_size = int(spec.patch_size)
-        self.input_size = int(input_size or spec.input_size)
-        if self.input_size % self.patch_size:
-            raise ValueError(
-                f"{spec.key}: input size {self.input_size} is not a multiple of the patch size {self.patch_size}; "
-                f"use a multiple of {self.patch_size}"
-            )
-        self.geometry = geometry or spec.geometry
-        allowed = (spec.geometry, *spec.geometry_options)
-        if self.geometry not in GEOMETRY_MODES or self.geometry not in allowed:
-            raise ValueError(f"{spec.key}: geometry {self.geometry!r} not offered; use one of {list(allowed)} "
-                             f"(default {spec.geometry!r})")
+        self.input_size, self.geometry, self.resize_short = self.resolve_options(spec, input_size, geometry,
+                                                                                 resize_short)
+        self.resampler = self.eight_bit_resampler(spec, self.geometry)
         # The loaders put the weights on the device in the dtype already; this only moves
         # what a caller built by hand (a no-op otherwise, so nothing is copied).
         if any(p.device != self.device or (p.is_floating_point() and p.dtype != self.dtype)
                for p in self.model.parameters()) and not self._keeps_fp32():
             self.model.to(device=self.device, dtype=self.dtype)
-        self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
-        self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(3, 1, 1)
+        # on the CPU, where the pixels are made (preprocess)
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
 
     def _keeps_fp32(self) -> bool:
         return bool(getattr(self.model, "_keep_in_fp32_modules", None))
+
+    # -- options, checked before any weights are read (load_encoder calls this first) -----------
+    @classmethod
+    def resolve_options(cls, spec: EncoderSpec, input_size: int | None = None, geometry: str | None = None,
+                        resize_short: int | None = None) -> tuple[int, str, int | None]:
+        """``(input_size, geometry, resize_short)`` to run with: the spec's, or the overrides, checked.
+
+        ``resize_short`` is the side resized to before the centre crop (crop geometries
+        only, :data:`cxrcore.geometry.CROP_MODES`); by default :meth:`default_resize_short`.
+        """
+        from ..geometry import CROP_MODES, GEOMETRY_MODES
+
+        size = spec.input_size if input_size is None else input_size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+            raise ValueError(f"{spec.key}: input_size must be a positive integer, got {input_size!r}")
+        size = int(size)
+        if size % spec.patch_size:
+            raise ValueError(
+                f"{spec.key}: input size {size} is not a multiple of the patch size {spec.patch_size}; "
+                f"use a multiple of {spec.patch_size} (e.g. {size - size % spec.patch_size or spec.patch_size} "
+                f"or {size - size % spec.patch_size + spec.patch_size})"
+            )
+        geom = geometry or spec.geometry
+        allowed = (spec.geometry, *spec.geometry_options)
+        if geom not in GEOMETRY_MODES or geom not in allowed:
+            raise ValueError(f"{spec.key}: geometry {geom!r} not offered; use one of {list(allowed)} "
+                             f"(default {spec.geometry!r})")
+        if geom not in CROP_MODES:
+            if resize_short is not None and int(resize_short) != size:
+                raise ValueError(f"{spec.key}: resize_short={resize_short} applies to the crop geometries "
+                                 f"{list(CROP_MODES)}, not to {geom!r}; leave it out")
+            return size, geom, None
+        short = cls.default_resize_short(spec, size) if resize_short is None else resize_short
+        if isinstance(short, bool) or not isinstance(short, (int, np.integer)) or short < size:
+            raise ValueError(f"{spec.key}: resize_short={short!r} must be an integer >= input_size {size} "
+                             "(the side resized to before the centre crop)")
+        return size, geom, int(short)
+
+    @classmethod
+    def default_resize_short(cls, spec: EncoderSpec, input_size: int) -> int:
+        """The side before the centre crop at ``input_size``: the spec's crop ratio kept (exactly its value at its size)."""
+        if spec.resize_short is None:
+            return input_size
+        return input_size * int(spec.resize_short) // int(spec.input_size)
+
+    @classmethod
+    def eight_bit_resampler(cls, spec: EncoderSpec, geometry: str) -> str:
+        """How 8-bit images are resampled under ``geometry`` (:data:`cxrcore.geometry.RESAMPLERS`)."""
+        return spec.option_resamplers.get(geometry) or cls.library_resampler
 
     # -- family hooks ----------------------------------------------------------------------
     @classmethod
@@ -429,34 +484,33 @@ class Encoder:
         return pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
 
     def geometry_for(self, hw: tuple[int, int]) -> Geometry:
-        return make_geometry(hw, self.input_size, self.patch_size, self.geometry, crop_rounding=self.crop_rounding,
-                             cell_rule=self.cell_rule, cell_centre0=self.cell_centre0, resampler=self.resampler)
+        return make_geometry(hw, self.input_size, self.patch_size, self.geometry, resize_short=self.resize_short,
+                             crop_rounding=self.crop_rounding, cell_rule=self.cell_rule,
+                             cell_centre0=self.cell_centre0, resampler=self.resampler)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[Geometry]]:
         """Apply the geometry step, scale to [0, 1], replicate grey to 3 channels, normalise (float32).
 
-        8-bit images are resampled as uint8 and scaled afterwards, exactly as the
-        reference processors treat 8-bit input (see :mod:`cxrcore.geometry`); 16-bit and
-        float images are scaled to [0, 1] first and resampled in float32.
+        8-bit images are resampled as the family's reference pipeline resamples them
+        (``self.resampler``, see :mod:`cxrcore.geometry`); 16-bit and float images are
+        scaled to [0, 1] first and resampled in float32. All of it runs on the CPU, so the
+        pixels do not depend on the device; the result is then copied to ``self.device``
+        (from page-locked memory, asynchronously, on CUDA).
         """
         if len(images) == 0:
             raise ValueError("encode() got no images")
         batch, geoms = [], []
         for i, img in enumerate(images):
-            a = np.asarray(img)
-            if a.dtype == np.uint8 and a.ndim == 2:
-                g = self.geometry_for(a.shape)
-                t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device)[None]
-                x = g.apply(t, self.spec.interpolation).float() / 255.0
-            else:
-                a = to_unit_float(img, i)
-                g = self.geometry_for(a.shape)
-                x = g.apply(torch.from_numpy(a).to(self.device)[None], self.spec.interpolation)
-            batch.append(x)
+            if np.ndim(img) != 2:
+                to_unit_float(img, i)  # raises, naming the image and the shape expected
+            g = self.geometry_for(np.shape(img))
+            batch.append(g.pixels(img, self.spec.interpolation, index=i))
             geoms.append(g)
         x = torch.stack(batch).expand(-1, 3, -1, -1)  # grey -> 3 identical channels, after scaling
-        x = (x - self._mean) / self._std
-        return x.contiguous(), geoms
+        x = ((x - self._mean) / self._std).contiguous()
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), geoms
+        return x.to(self.device), geoms
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward_tokens`` under inference mode, in the model dtype (autocast for bf16/fp16); float32 out."""
@@ -472,15 +526,15 @@ class Encoder:
         """One forward pass over ``images`` -> ``cls``, ``patch_mean``, ``roi_local`` (and the grid).
 
         Boxes less than ``min_visible`` (default ``cxrcore.pooling.MIN_VISIBLE_FRACTION``)
-        inside the model input are excluded with a reason (``Encoding.roi_excluded``).
+        inside their image or inside the model input are excluded with a reason
+        (``Encoding.roi_excluded``, see :mod:`cxrcore.pooling`).
         """
-        from ..pooling import excluded_reasons
-
         if boxes is not None and len(boxes) != len(images):
             raise ValueError(f"got {len(images)} images but {len(boxes)} box lists; give one (possibly empty) list per image")
         x, geoms = self.preprocess(images)
         glob, grid = self.forward(x)
-        roi, owner, visible = roi_local(grid, geoms, boxes, min_visible=min_visible, return_visible=True)
+        roi, owner, visible, reasons = roi_local(grid, geoms, boxes, min_visible=min_visible, return_visible=True,
+                                                 return_reasons=True)
         return Encoding(
             cls=glob.cpu().numpy(),
             patch_mean=patch_mean(grid).cpu().numpy(),
@@ -489,15 +543,16 @@ class Encoder:
             geometry=geoms,
             grid=grid.cpu().numpy() if return_grid else None,
             roi_visible=visible,
-            roi_excluded=excluded_reasons(visible, min_visible),
+            roi_excluded=reasons,
         )
 
     def provenance(self) -> dict[str, Any]:
         """What produced an embedding: key, weights, stand-in flag, preprocessing, and the dtypes that ran.
 
-        ``input_size`` and ``geometry`` are the ones used (which may differ from the
-        published ones); ``weights_dtype`` is read off the parameters (``mixed`` with
-        ``parameter_dtypes`` when they differ); ``fp32_parts`` says what stays float32.
+        ``input_size``, ``geometry`` and ``resize_short`` are the ones used (which may differ
+        from the published ones); ``resampler`` says how 8-bit images were resampled;
+        ``weights_dtype`` is read off the parameters (``mixed`` with ``parameter_dtypes``
+        when they differ); ``fp32_parts`` says what stays float32.
         """
         d = asdict(self.spec)
         # the table facts describe the published model, they do not change an embedding: kept out, so that a
@@ -509,8 +564,9 @@ class Encoder:
         fp32_modules = sorted({n.rpartition(".")[0] for n, p in self.model.named_parameters()
                                if p.dtype == torch.float32}) if self.model is not None and self.dtype != torch.float32 else []
         d.update(weights=str(self.weights), stand_in=self.stand_in, input_size=self.input_size,
-                 patch_size=self.patch_size, geometry=self.geometry, crop_rounding=self.crop_rounding,
-                 resampler=self.resampler, cell_rule=self.cell_rule, dtype=str(self.dtype),
+                 patch_size=self.patch_size, geometry=self.geometry, resize_short=self.resize_short,
+                 crop_rounding=self.crop_rounding, resampler=self.resampler, cell_rule=self.cell_rule,
+                 dtype=str(self.dtype),
                  weights_dtype=kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "unknown"),
                  parameter_dtypes=counts, fp32_modules=fp32_modules,
                  fp32_parts=FP32_PARTS if self.dtype != torch.float32 else "everything (float32 run)")
@@ -519,7 +575,8 @@ class Encoder:
     def _write_descriptor(self, directory: Path, **extra: Any) -> None:
         (directory / CXRCORE_ENCODER_FILE).write_text(
             json.dumps({"key": self.spec.key, "family": self.spec.family, "stand_in": self.stand_in,
-                        "input_size": self.input_size, "geometry": self.geometry, **extra}, indent=2)
+                        "input_size": self.input_size, "geometry": self.geometry,
+                        "resize_short": self.resize_short, **extra}, indent=2)
         )
 
     def __repr__(self) -> str:

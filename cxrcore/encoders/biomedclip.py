@@ -112,7 +112,7 @@ class BiomedClipEncoder(Encoder):
 
     family = "open_clip_timm"
     crop_rounding = "round"  # open_clip's preprocess is torchvision's Resize + CenterCrop
-    resampler = "pil"  # its reference pipeline resizes PIL images
+    library_resampler = "pil"  # its reference pipeline resizes PIL images
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -19,6 +19,7 @@ class Dinov2Encoder(HFEncoder):
     family = "dinov2"
     model_class = "Dinov2Model"
     config_class = "Dinov2Config"
+    processor_class = "BitImageProcessor"
 
     def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.model(pixel_values=pixels).last_hidden_state
@@ -39,6 +40,7 @@ class HFViTEncoder(Dinov2Encoder):
     family = "vit"
     model_class = "ViTModel"
     config_class = "ViTConfig"
+    processor_class = "ViTImageProcessor"
 
     @classmethod
     def build(cls, spec, weights, stand_in, **kwargs):  # noqa: ANN001 - same signature as the base

@@ -23,6 +23,7 @@ class Dinov3Encoder(HFEncoder):
     family = "dinov3"
     model_class = "DINOv3ViTModel"
     config_class = "DINOv3ViTConfig"
+    processor_class = "DINOv3ViTImageProcessor"
 
     def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.model(pixel_values=pixels).last_hidden_state

@@ -95,7 +95,7 @@ class ResNetEncoder(Encoder):
 
     family = "torchvision_resnet"
     crop_rounding = "round"  # torchvision's CenterCrop
-    resampler = "pil"  # its reference pipeline resizes PIL images
+    library_resampler = "pil"  # its reference pipeline resizes PIL images
     cell_rule = "rf_centre"
     cell_centre0 = RESNET_CELL_CENTRE0
 

@@ -31,6 +31,7 @@ class SiglipEncoder(HFEncoder):
     family = "siglip"
     model_class = "SiglipVisionModel"
     config_class = "SiglipVisionConfig"
+    processor_class = "SiglipImageProcessor"
 
     def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # learned position table sized for config.image_size; other sizes interpolate it

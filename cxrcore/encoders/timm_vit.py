@@ -4,8 +4,15 @@ timm's own contract gives the token layout: ``forward_features`` returns all tok
 after the final norm, the first ``num_prefix_tokens`` being CLS (if any) and registers;
 ``forward_head(pre_logits=True)`` is the model's own global embedding (CLS token,
 mean or attention pool, as the model was trained). Preprocessing follows the model's
-``pretrained_cfg``: mean, std, interpolation and ``crop_pct`` (shortest edge resized to
-``floor(size / crop_pct)``, then the centre ``size`` crop). Weights: timm's pretrained ones
+``pretrained_cfg`` as timm's eval transform (``timm.data.transforms_imagenet_eval``) does:
+mean, std, interpolation, ``crop_pct`` and ``crop_mode``. ``crop_mode="center"``: shortest
+edge resized to ``floor(size / crop_pct)``, then torchvision's ``CenterCrop(size)``
+(geometry ``center_crop``). ``crop_mode="squash"``: ``Resize((floor(size / crop_pct),) * 2)``,
+aspect not kept, then ``CenterCrop(size)`` (geometry ``resize_crop``; with crop_pct 1.0 a
+plain stretch). ``crop_mode="border"`` (resize the longest edge, pad with the mean colour
+per channel) is refused: the padding differs per colour channel, which a grey pipeline
+cannot reproduce (in timm 1.0 only DeepSeek's ViTs use it, and those are not wrapped).
+Weights: timm's pretrained ones
 (from the Hugging Face hub, cache honoured), a local checkpoint file, or a directory
 written by :meth:`Encoder.save`.
 """
@@ -19,7 +26,6 @@ from typing import Any
 
 import torch
 
-from ..geometry import Geometry, make_geometry
 from .base import Encoder, EncoderSpec, cast_state, explain_load_failure, load_into_meta, read_descriptor, seeded
 from .biomedclip import timm_set_input_size
 
@@ -49,15 +55,24 @@ def timm_spec(key: str) -> EncoderSpec:
     patch = int(m.patch_embed.patch_size[0])
     n_reg = int(getattr(m, "num_reg_tokens", 0))
     has_cls = getattr(m, "cls_token", None) is not None
-    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    # timm's eval transform: crop_pct None means its DEFAULT_CROP_PCT (0.875), crop_mode None means 'center'
+    from timm.data.constants import DEFAULT_CROP_MODE, DEFAULT_CROP_PCT
+
+    crop_pct = float(cfg.get("crop_pct") or DEFAULT_CROP_PCT)
+    crop_mode = cfg.get("crop_mode") or DEFAULT_CROP_MODE
+    if crop_mode not in ("center", "squash"):
+        raise ValueError(f"{key}: its pretrained_cfg has crop_mode={crop_mode!r}; cxrcore reproduces timm's 'center' "
+                         "and 'squash' eval transforms only ('border' pads with the mean colour of each channel, which "
+                         "a grey pipeline cannot); wrap another model")
     return EncoderSpec(
         key=key, family="timm_vit", weights=name, input_size=size, patch_size=patch, embed_dim=int(m.num_features),
         mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-        geometry="resize" if cfg.get("crop_mode") == "squash" else "center_crop",
+        geometry="resize_crop" if crop_mode == "squash" else "center_crop", resize_short=math.floor(size / crop_pct),
         interpolation=str(cfg.get("interpolation", "bicubic")),
         num_register_tokens=n_reg, has_cls_token=has_cls, global_pool=str(getattr(m, "global_pool", "token")),
-        arch={"model_name": name, "crop_pct": crop_pct},
-        notes=f"generic wrapper of a timm ViT; global = forward_head(pre_logits=True); crop_pct {crop_pct}",
+        arch={"model_name": name, "crop_pct": crop_pct, "crop_mode": crop_mode},
+        notes=f"generic wrapper of a timm ViT; global = forward_head(pre_logits=True); crop_pct {crop_pct}, "
+              f"crop_mode {crop_mode}",
     )
 
 
@@ -66,7 +81,7 @@ class TimmViTEncoder(Encoder):
 
     family = "timm_vit"
     crop_rounding = "round"  # timm's eval transform ends in torchvision's CenterCrop
-    resampler = "pil"  # its reference pipeline resizes PIL images
+    library_resampler = "pil"  # its reference pipeline resizes PIL images
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -107,14 +122,10 @@ class TimmViTEncoder(Encoder):
         with torch.device("meta"):
             return _create(spec.arch["model_name"])
 
-    def geometry_for(self, hw: tuple[int, int]) -> Geometry:
-        """timm's eval transform: shortest edge to ``floor(size / crop_pct)``, then torchvision's ``CenterCrop(size)``."""
-        if self.geometry != "center_crop":
-            return super().geometry_for(hw)
-        crop_pct = float(self.spec.arch.get("crop_pct", 1.0))
-        return make_geometry(hw, self.input_size, self.patch_size, "center_crop",
-                             resize_short=math.floor(self.input_size / crop_pct), crop_rounding=self.crop_rounding,
-                             cell_rule=self.cell_rule, cell_centre0=self.cell_centre0, resampler=self.resampler)
+    @classmethod
+    def default_resize_short(cls, spec: EncoderSpec, input_size: int) -> int:
+        """timm's rule at any size: ``floor(input_size / crop_pct)`` (``transforms_imagenet_eval``)."""
+        return math.floor(input_size / float(spec.arch.get("crop_pct", 1.0)))
 
     def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.model.forward_features(pixels)
