@@ -781,8 +781,10 @@ class _ClusterPlan:
     cl_pos / cl_neg: the cluster of each positive / negative row (in the rankers' order).
     masks: per AUC, 0/1 weights on the positives it uses (None: all), so AUCs of
     different positive subsets (the strata of :func:`bootstrap_auc_gap`) share one draw.
-    within_pairs / within_wins: per AUC and patient, its own (positive, negative) pairs and
-    the positives' wins among them, to drop the pairs between copies of one patient.
+    mixed: the patients holding both classes, the only ones with such pairs;
+    within_pairs / within_wins: per AUC and mixed patient, its own (positive, negative)
+    pairs and the positives' wins among them, to drop the pairs between copies of one
+    patient.
     """
 
     strata: list
@@ -790,6 +792,7 @@ class _ClusterPlan:
     cl_pos: np.ndarray
     cl_neg: np.ndarray
     masks: list
+    mixed: np.ndarray
     within_pairs: list
     within_wins: list
 
@@ -804,7 +807,9 @@ def _cluster_plan(cl: _Clusters, y: np.ndarray, scores: list, strata: list, mask
         keep = np.ones(cl_pos.shape[0], bool) if mk is None else mk.astype(bool)
         pairs.append(np.bincount(cl_pos[keep], minlength=cl.n) * neg_per)
         wins.append(_within_cluster_wins(s[y][keep], s[~y], cl_pos[keep], cl_neg, cl.n))
-    return _ClusterPlan([st for st in strata if st.shape[0] > 0], cl.n, cl_pos, cl_neg, masks, pairs, wins)
+    mixed = np.flatnonzero(cl.has_pos & cl.has_neg)
+    return _ClusterPlan([st for st in strata if st.shape[0] > 0], cl.n, cl_pos, cl_neg, masks, mixed,
+                        [p[mixed] for p in pairs], [w[mixed] for w in wins])
 
 
 def _bootstrap_chunk(
@@ -833,11 +838,13 @@ def _bootstrap_chunk(
                     members[rng.integers(0, members.shape[0], members.shape[0])], minlength=plan.n_clusters
                 )
             w, u = counts[plan.cl_pos], counts[plan.cl_neg]
-            copies = counts * counts - counts  # copy-to-copy pairs of each patient drawn more than once
+            c = counts[plan.mixed]
+            copies = c * c - c  # copy-to-copy pairs of each mixed patient drawn more than once
             for k, rk in enumerate(rankers):
                 wk = w if plan.masks[k] is None else w * plan.masks[k]
-                total = wk.sum() * u.sum() - copies @ plan.within_pairs[k]
-                wins = (u * rk.above(wk)[rk.key]).sum() - copies @ plan.within_wins[k]
+                # multiply-and-sum, not a BLAS dot: no BLAS threads in the hot loop
+                total = wk.sum() * u.sum() - (copies * plan.within_pairs[k]).sum()
+                wins = (u * rk.above(wk)[rk.key]).sum() - (copies * plan.within_wins[k]).sum()
                 out[r, k] = wins / total if total > 0 else np.nan
     return out
 
