@@ -322,6 +322,8 @@ def test_property_matches_reference(data):
     np.testing.assert_allclose(r.cov, cov, rtol=1e-9, atol=1e-14)
     if math.isinf(z):  # variance 0, difference not: no Wald z; an exact paired-swap p instead
         assert math.isnan(r.z) and r.method == "paired_swap" and 0.0 < r.p_value <= 1.0
+    elif r.method == "paired_swap":  # variance 0 and difference 0 (R's 0/0 -> z = 0): p = 1, named as such
+        assert z == 0.0 and r.delta == 0.0 and _is_trivial_swap(r)
     else:
         assert r.z == pytest.approx(z, rel=1e-7, abs=1e-7)
     assert 0.0 <= r.p_value <= 1.0
@@ -1293,6 +1295,24 @@ def test_satterthwaite_df_never_exceeds_patients_minus_one(design):
                     assert 0 < r.df <= i - 1
                     dfs.append(r.df)
         assert np.median(dfs) == i - 1  # the cap binds in most samples: Welch alone exceeds it
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(labels_and_scores, st.integers(1, 4), st.sampled_from([0.5, 0.3, 0.8]))
+def test_property_score_interval_brackets_the_estimate_and_agrees_with_its_p(data, per_patient, null):
+    y, a, b = (np.asarray(v) for v in data)
+    for s in (a.astype(float), b):
+        for g in (None, np.arange(y.size) // per_patient):
+            try:
+                r = stats.delong(y, s, groups=g, null=null)
+            except stats.NotEstimable:
+                continue
+            if math.isnan(r.ci[0]):  # clustered variance 0 inside (0, 1): no interval, said so
+                assert r.note.startswith("not estimable") and 0 < r.auc < 1
+                continue
+            assert 0.0 <= r.ci[0] <= r.auc <= r.ci[1] <= 1.0 and r.ci[0] < r.ci[1]
+            assert (r.p_value < 0.05) == (not r.ci[0] <= null <= r.ci[1]) or abs(r.p_value - 0.05) < 1e-9
+            assert r.design_effect > 0 and (g is None or r.df <= len(np.unique(g)) - 1)
 
 
 def test_score_interval_covers_a_true_auc_near_one():
