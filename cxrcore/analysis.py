@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .boxes import jitter_frame, still_overlapping
-from .pooling import roi_local
+from .pooling import excluded_reasons, roi_local
 from .probes import grouped_folds, out_of_fold_scores
 from .stats import (
     FewClustersWarning,
@@ -52,15 +52,33 @@ def _bootstrap_or_nan(y, s, *, groups, n_boot: int, seed: int) -> tuple[float, f
     return b.auc, b.ci_low, b.ci_high, b.method, "; ".join(([b.note] if b.note else []) + few)
 
 
+def _gap_or_nan(y, s, stratum, *, groups, n_boot: int, seed: int) -> tuple[tuple, str, str]:
+    """((gap, gap_low, gap_high), gap_method, note) of the large-minus-small gap, NaN limits where not estimable."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FewClustersWarning)
+        try:
+            g = bootstrap_auc_gap(y, s, stratum, "large", "small", n_boot=n_boot, seed=seed, groups=groups)
+        except NotEstimable as err:
+            auc_l = auc(y[(y == 0) | (stratum == "large")], s[(y == 0) | (stratum == "large")])
+            auc_s = auc(y[(y == 0) | (stratum == "small")], s[(y == 0) | (stratum == "small")])
+            return (auc_l - auc_s, np.nan, np.nan), "cluster_percentile", f"gap CI not estimable: {err}"
+    few = [str(w.message).split(":")[0] for w in caught if issubclass(w.category, FewClustersWarning)]
+    return (g.gap, g.ci_low, g.ci_high), g.method, "; ".join(f"gap: {x}" for x in few)
+
+
 @dataclass(frozen=True)
 class ImageStrata:
     """Image-level probes of ChestX-Det10 (one per encoder, class and global pooling mode).
 
-    aucs: one row per (encoder, class, pooling) with the bootstrap CI; strata: the AUC of
-    each size stratum's positives against all negatives and the stratum gap (large minus
-    small) with its joint-bootstrap CI; tests: DeLong's paired test of ``patch_mean``
-    against ``cls`` (clustered by patient where a patient has several images), BH-adjusted
-    over the whole table (``p_bh``); scores: the out-of-fold scores by (encoder, class, pooling).
+    aucs: one row per (encoder, class, pooling) with the bootstrap CI (``ci_method``,
+    ``note``); strata: the AUC of each size stratum's positives against all negatives with
+    its bootstrap CI (``ci_method``) and the stratum gap (large minus small) with its
+    joint-bootstrap CI (``gap_method``: "percentile" resampling rows, or
+    "cluster_percentile" resampling patients where a patient has several images), and a
+    ``note`` (e.g. "gap not estimable: ..."); tests: DeLong's paired test of
+    ``patch_mean`` against ``cls`` (clustered by patient where a patient has several
+    images; ``method``), BH-adjusted over the whole table (``p_bh``); scores: the
+    out-of-fold scores by (encoder, class, pooling).
     """
 
     aucs: pd.DataFrame
@@ -80,7 +98,8 @@ def image_strata(meta: pd.DataFrame, boxes: pd.DataFrame, embeddings: Mapping[st
     pooling mode -> ``[n_images, D]`` in ``meta`` order. One set of patient-grouped folds
     per class serves every mode, so the modes' scores are paired. Stratum AUCs reuse those
     out-of-fold scores (a stratum's positives against all negatives); the gap's CI comes
-    from one joint bootstrap over the shared negatives (:func:`cxrcore.stats.bootstrap_auc_gap`).
+    from one joint bootstrap over the shared negatives (:func:`cxrcore.stats.bootstrap_auc_gap`),
+    resampling whole patients where a patient has several images, as the AUC CIs do.
     CIs resample fixed out-of-fold scores, so refitting variability is not in them.
     """
     image_stratum = {c: boxes[boxes["class"] == c].groupby("image_id")["stratum"]
@@ -105,15 +124,16 @@ def image_strata(meta: pd.DataFrame, boxes: pd.DataFrame, embeddings: Mapping[st
                     enough = (stratum == st).sum() >= 2 and (y == 0).sum() >= 2
                     by[st] = _bootstrap_or_nan(y[keep], s[keep], groups=None if clustered is None else clustered[keep],
                                                n_boot=n_boot, seed=seed) if enough else None
-                gap = (np.nan, np.nan, np.nan)
+                gap, gap_how, gap_note = (np.nan, np.nan, np.nan), "", "gap: fewer than 2 positives in a stratum"
                 if by["small"] is not None and by["large"] is not None:
-                    g = bootstrap_auc_gap(y, s, stratum, "large", "small", n_boot=n_boot, seed=seed)
-                    gap = (g.gap, g.ci_low, g.ci_high)
+                    gap, gap_how, gap_note = _gap_or_nan(y, s, stratum, groups=clustered, n_boot=n_boot, seed=seed)
                 for st in _STRATA:
                     r = by[st] or (np.nan, np.nan, np.nan, "", "fewer than 2 positives in this stratum")
                     strata_rows.append({"encoder": key, "class": c, "pooling": mode, "stratum": st, "auc": r[0],
-                                        "ci_low": r[1], "ci_high": r[2], "n_pos": int((stratum == st).sum()),
-                                        "gap": gap[0], "gap_low": gap[1], "gap_high": gap[2]})
+                                        "ci_low": r[1], "ci_high": r[2], "ci_method": r[3],
+                                        "n_pos": int((stratum == st).sum()), "gap": gap[0], "gap_low": gap[1],
+                                        "gap_high": gap[2], "gap_method": gap_how,
+                                        "note": "; ".join(x for x in (r[4], gap_note) if x)})
             if len(modes) >= 2:
                 a_mode, b_mode = modes[1], modes[0]
                 d = delong_paired(y, mode_scores[a_mode], mode_scores[b_mode], groups=clustered)
@@ -126,21 +146,57 @@ def image_strata(meta: pd.DataFrame, boxes: pd.DataFrame, embeddings: Mapping[st
     return ImageStrata(pd.DataFrame(auc_rows), pd.DataFrame(strata_rows), tests, scores)
 
 
+_NO_REASON = "roi_local row is NaN (reason not recorded)"
+_PARTNER = "pair left out with it: its other box was excluded"
+_EXCLUSION_COLUMNS = ["reason", "count", "item"]
+
+
+def _exclusion_rows(reasons: np.ndarray, key: dict) -> list[dict]:
+    """One row per distinct non-empty reason: ``key`` columns, reason, count, item "box"."""
+    r = pd.Series(np.asarray(reasons, dtype=object))
+    r = r[r != ""]
+    return [{**key, "reason": str(k), "count": int(v), "item": "box"} for k, v in r.value_counts(sort=False).sort_index().items()]
+
+
+def _drop_pairs(nan_rows: np.ndarray, reasons: np.ndarray, pair_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, reason per row): rows with a NaN embedding leave with their reason, their pair's other rows with _PARTNER."""
+    why = np.full(nan_rows.shape[0], "", dtype=object)
+    why[nan_rows] = [r if isinstance(r, str) and r else _NO_REASON for r in reasons[nan_rows]]
+    if pair_ids is not None and nan_rows.any():
+        partner = pd.Series(pair_ids).isin(set(pd.Series(pair_ids)[nan_rows])).to_numpy() & ~nan_rows
+        why[partner] = _PARTNER
+    return why == "", why
+
+
 @dataclass(frozen=True)
 class BoxLevel:
     """Box-level ``roi_local`` probes: lesion box vs matched control, per encoder and class.
 
     table: AUC with the image-cluster bootstrap CI (``ci_low``/``ci_high``, ``ci_method``),
-    the clustered DeLong CI (``delong_low``/``delong_high``) and that same procedure's test
-    of AUC = 0.5 (``z_vs_chance``, ``df``, ``p_value``; ``delong_method`` names it:
-    "wald" with Obuchowski's variance and a t reference, or "exact_pairs" where the
-    variance is 0), BH-adjusted over the table (``p_bh``), AUC per size stratum, counts and
-    a ``note``. skipped: (encoder, class, reason) for cells that could not be probed.
+    the clustered score CI (``score_low``/``score_high``; Newcombe's interval with
+    Obuchowski's design effect, see :func:`cxrcore.stats.delong`) and that same procedure's
+    test of AUC = 0.5 (``z_vs_chance``, ``df``, ``p_value``; ``score_method`` names it),
+    BH-adjusted over the table (``p_bh``), AUC per size stratum, counts (``n_boxes``
+    lesion boxes used, ``n_images``, ``n_excluded`` boxes left out) and a ``note``.
+    exclusions: the boxes left out, counted per (encoder, class, reason) (``item`` "box"):
+    a box whose ``roi_local`` row is NaN (e.g. cropped away by the preprocessing, with the
+    reason :mod:`cxrcore.pooling` recorded) leaves with its pair's other box. skipped:
+    (encoder, class, reason) for cells that could not be probed.
     """
 
     table: pd.DataFrame
     skipped: list
     scores: dict = field(repr=False)
+    exclusions: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["encoder", "class"] + _EXCLUSION_COLUMNS))
+
+
+def _embedding_and_reasons(value, roi_rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """roi_local rows and, per row, why a NaN row was excluded (an Encoding's own reasons, else the rows' column)."""
+    if hasattr(value, "roi_local") and hasattr(value, "roi_excluded"):  # an Encoding: its own reasons
+        return np.asarray(value.roi_local), np.asarray(value.roi_excluded, dtype=object)
+    if "roi_excluded" in roi_rows.columns:
+        return np.asarray(value), roi_rows["roi_excluded"].fillna("").to_numpy(dtype=object)
+    return np.asarray(value), np.full(len(roi_rows), "", dtype=object)
 
 
 def box_level(roi_rows: pd.DataFrame, embeddings: Mapping[str, np.ndarray], classes: Sequence[str], *,
@@ -148,54 +204,82 @@ def box_level(roi_rows: pd.DataFrame, embeddings: Mapping[str, np.ndarray], clas
     """Per encoder and class: a probe on ``roi_local`` telling lesion boxes from their matched controls.
 
     roi_rows: one row per box with ``class``, ``kind`` ("lesion" or "control"), ``image_id``
-    and ``stratum``; embeddings: encoder -> ``[n_boxes, D]`` ``roi_local`` rows in
-    ``roi_rows`` order. Folds are grouped by image, so a lesion and its control never fall
-    on two sides of a split, and both CIs and the test treat the image as the unit.
+    and ``stratum``, optionally ``pair`` (the lesion-control pair id) and ``roi_excluded``
+    (why a box was not pooled, as the store's rows carry it); embeddings: encoder ->
+    ``[n_boxes, D]`` ``roi_local`` rows in ``roi_rows`` order, or that encoder's
+    :class:`~cxrcore.encoders.base.Encoding`, whose own ``roi_excluded`` then gives the
+    reasons (boxes cropped away depend on the encoder's geometry). A NaN row is left out
+    with its pair (both boxes of ``pair``, else the row alone) and counted with its reason
+    in ``exclusions`` and ``n_excluded``; one cropped-away box never stops the analysis.
+    Folds are grouped by image, so a lesion and its control never fall on two sides of a
+    split, and both CIs and the test treat the image as the unit.
     """
-    rows, skipped, scores = [], [], {}
-    for key, X in embeddings.items():
+    rows, skipped, scores, excl = [], [], {}, []
+    pair_ids = roi_rows["pair"].to_numpy() if "pair" in roi_rows.columns else None
+    for key, value in embeddings.items():
+        X_all, reasons_all = _embedding_and_reasons(value, roi_rows)
+        if X_all.shape[0] != len(roi_rows):
+            raise ValueError(f"embeddings[{key!r}] has {X_all.shape[0]} rows but roi_rows has {len(roi_rows)}; "
+                             "give one roi_local row per box, in roi_rows order")
         for c in classes:
             sel = (roi_rows["class"] == c).to_numpy()
-            sub = roi_rows[sel]
+            keep, why = _drop_pairs(~np.isfinite(X_all[sel]).all(axis=1), reasons_all[sel],
+                                    None if pair_ids is None else pair_ids[sel])
+            excl += _exclusion_rows(why, {"encoder": key, "class": c})
+            n_excluded = int((~keep).sum())
+            sub = roi_rows[sel][keep]
             y = (sub["kind"] == "lesion").to_numpy().astype(int)
             groups = sub["image_id"].to_numpy()
             n_images = int(sub["image_id"].nunique())
             k = min(n_splits, n_images)
-            if k < 2:
-                skipped.append((key, c, f"{n_images} image(s) with a {c} box; a probe needs 2"))
+            if k < 2 or y.sum() == 0 or y.sum() == y.size:
+                skipped.append((key, c, f"{n_images} image(s) with a {c} lesion and control box left"
+                                        f"{f' ({n_excluded} boxes excluded)' if n_excluded else ''}; a probe needs 2"))
                 continue
-            s = scores[key, c] = out_of_fold_scores(np.asarray(X)[sel], y, groups,
-                                                    folds=grouped_folds(y, groups, n_splits=k, seed=seed))
+            s = out_of_fold_scores(X_all[sel][keep], y, groups, folds=grouped_folds(y, groups, n_splits=k, seed=seed))
+            scores[key, c] = np.full(keep.shape[0], np.nan)  # aligned with the class's roi_rows, NaN where left out
+            scores[key, c][keep] = s
             a, lo, hi, how, note = _bootstrap_or_nan(y, s, groups=groups, n_boot=n_boot, seed=seed)
             try:
                 dl = delong(y, s, groups=groups)
-                dl_vals = (dl.ci[0], dl.ci[1], dl.z, dl.df, dl.p_value, dl.method)
+                dl_vals = (dl.ci[0], dl.ci[1], dl.z, dl.df, dl.p_value)
                 note = "; ".join(x for x in (note, dl.note) if x)
             except NotEstimable as err:
-                dl_vals = (np.nan, np.nan, np.nan, np.nan, np.nan, "wald")
-                note = "; ".join(x for x in (note, f"DeLong not estimable: {err}") if x)
+                dl_vals = (np.nan, np.nan, np.nan, np.nan, np.nan)
+                note = "; ".join(x for x in (note, f"score CI and test not estimable: {err}") if x)
+            if n_excluded:
+                note = "; ".join(x for x in (note, f"{n_excluded} boxes excluded (see exclusions)") if x)
             row = {"encoder": key, "class": c, "pooling": "roi_local", "auc": a, "ci_low": lo, "ci_high": hi,
-                   "ci_method": how, "delong_low": dl_vals[0], "delong_high": dl_vals[1], "z_vs_chance": dl_vals[2],
-                   "df": dl_vals[3], "p_value": dl_vals[4], "delong_method": dl_vals[5], "n_boxes": int(y.sum()),
-                   "n_images": n_images}
+                   "ci_method": how, "score_low": dl_vals[0], "score_high": dl_vals[1], "z_vs_chance": dl_vals[2],
+                   "df": dl_vals[3], "p_value": dl_vals[4], "score_method": "score_clustered",
+                   "n_boxes": int(y.sum()), "n_images": n_images, "n_excluded": n_excluded}
             for st in _STRATA:
-                keep = (sub["stratum"] == st).to_numpy()
-                row[f"auc_{st}"] = auc(y[keep], s[keep]) if 0 < y[keep].sum() < keep.sum() else np.nan
+                keep_st = (sub["stratum"] == st).to_numpy()
+                row[f"auc_{st}"] = auc(y[keep_st], s[keep_st]) if 0 < y[keep_st].sum() < keep_st.sum() else np.nan
             rows.append({**row, "note": note})
     table = pd.DataFrame(rows)
     if len(table):
         table["p_bh"] = fdr_bh(table["p_value"].to_numpy())
-    return BoxLevel(table, skipped, scores)
+    return BoxLevel(table, skipped, scores, pd.DataFrame(excl, columns=["encoder", "class"] + _EXCLUSION_COLUMNS))
 
 
 @dataclass(frozen=True)
 class Jitter:
-    """Box-jitter results: AUC per (encoder, sigma, scale), overlap shares, paired tests against no jitter."""
+    """Box-jitter results: AUC per (encoder, sigma, scale), overlap shares, paired tests against no jitter.
+
+    table: one row per (encoder, sigma, scale) with the image-cluster bootstrap CI
+    (``ci_method``), ``n_excluded`` (boxes left out in that setting) and a ``note``;
+    tests: :func:`cxrcore.stats.compare_table`'s rows (``method`` names each test), on
+    the pairs whose boxes were pooled in both settings; exclusions: boxes left out per
+    (encoder, sigma_px, scale_sigma, reason) with their ``count`` (``item`` "box").
+    """
 
     table: pd.DataFrame
     overlap: pd.DataFrame
     tests: pd.DataFrame
     scores: dict = field(repr=False)
+    exclusions: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["encoder", "sigma_px", "scale_sigma"] + _EXCLUSION_COLUMNS))
 
 
 def _setting(sigma, scale) -> str:
@@ -214,10 +298,13 @@ def jitter_probes(pairs: pd.DataFrame, grids: Mapping[str, tuple], image_ids: Se
     forward pass. Lesion and control boxes are jittered independently (seeds ``seed`` and
     ``seed + 1``, the same draws at every sigma, so a box moves further along one
     direction as sigma grows) by ``sigma * px_per_sigma`` px, kept inside the image, and
-    the probe is refitted on the same image-grouped folds. Each setting's AUC carries an
+    the probe is refitted on the same image-grouped folds. A box the preprocessing cut
+    away (below :data:`cxrcore.pooling.MIN_VISIBLE_FRACTION` of it inside the model input)
+    is not pooled; its pair leaves that setting and is counted in ``exclusions`` with the
+    reason (:func:`cxrcore.pooling.excluded_reasons`). Each setting's AUC carries an
     image-cluster bootstrap CI; each is compared with the unjittered boxes (sigma 0, scale
     0) by :func:`cxrcore.stats.compare_table` (DeLong's paired test clustered by image,
-    BH-adjusted over every setting of every encoder).
+    BH-adjusted over every setting of every encoder) on the pairs present in both.
     """
     pairs = pairs.reset_index(drop=True)
     lesion0 = pairs[["x1", "y1", "x2", "y2"]].to_numpy(float)
@@ -227,7 +314,8 @@ def jitter_probes(pairs: pd.DataFrame, grids: Mapping[str, tuple], image_ids: Se
     stratum = np.r_[pairs["stratum"].to_numpy(), pairs["stratum"].to_numpy()]
     folds = grouped_folds(y, groups, n_splits=min(n_splits, pairs["image_id"].nunique()), seed=seed)
     position = {i: k for k, i in enumerate(image_ids)}
-    rows, overlap_rows, scores = [], [], {}
+    rows, overlap_rows, scores, excl = [], [], {}, []
+    pair_of_row = np.r_[np.arange(n), np.arange(n)]
     for scale in scale_sigmas:
         for sigma in sigmas_px:
             s_px = float(sigma) * px_per_sigma
@@ -248,23 +336,35 @@ def jitter_probes(pairs: pd.DataFrame, grids: Mapping[str, tuple], image_ids: Se
                     where[position[image_id]].append(offset + k)
             order = np.concatenate([w for w in where if w]).astype(int)
             for key, (grid, geoms) in grids.items():
-                feats, _ = roi_local(grid, geoms, per_image)
+                feats, _, visible = roi_local(grid, geoms, per_image, return_visible=True)
                 X = np.empty_like(feats)
                 X[order] = feats
-                s = scores[key, sigma, scale] = out_of_fold_scores(X, y, groups, folds=folds)
-                a, lo, hi, how, note = _bootstrap_or_nan(y, s, groups=groups, n_boot=n_boot, seed=seed)
+                reasons = np.empty(2 * n, dtype=object)
+                reasons[order] = excluded_reasons(visible)
+                keep, why = _drop_pairs(reasons != "", reasons, pair_of_row)
+                excl += _exclusion_rows(why, {"encoder": key, "sigma_px": sigma, "scale_sigma": scale})
+                s = np.full(2 * n, np.nan)
+                s[keep] = out_of_fold_scores(X[keep], y[keep], groups[keep], folds=folds[keep])
+                scores[key, sigma, scale] = s
+                a, lo, hi, how, note = _bootstrap_or_nan(y[keep], s[keep], groups=groups[keep], n_boot=n_boot,
+                                                         seed=seed)
+                n_excluded = int((~keep).sum())
+                if n_excluded:
+                    note = "; ".join(x for x in (note, f"{n_excluded} boxes excluded (see exclusions)") if x)
                 row = {"encoder": key, "sigma_px": sigma, "scale_sigma": scale, "pooling": "roi_local", "auc": a,
                        "ci_low": lo, "ci_high": hi, "still_overlapping": float(hit.mean())}
                 for st in _STRATA:
-                    keep = stratum == st
-                    row[f"auc_{st}"] = auc(y[keep], s[keep]) if 0 < y[keep].sum() < keep.sum() else np.nan
-                rows.append({**row, "ci_method": how, "note": note})
+                    k_st = keep & (stratum == st)
+                    row[f"auc_{st}"] = auc(y[k_st], s[k_st]) if 0 < y[k_st].sum() < k_st.sum() else np.nan
+                rows.append({**row, "ci_method": how, "n_excluded": n_excluded, "note": note})
     tested = [(_setting(sg, sc), _setting(0, 0.0)) for sc in scale_sigmas for sg in sigmas_px if (sg, sc) != (0, 0.0)]
     tests = pd.DataFrame()
     if tested:
         wide = pd.concat([pd.DataFrame({"encoder": key, "image_id": groups, "label": y,
                                         **{_setting(sg, sc): scores[key, sg, sc] for sg in sigmas_px for sc in scale_sigmas}})
                           for key in grids], ignore_index=True)
+        # a pair excluded in either setting leaves that comparison only (NaN scores)
         tests = compare_table(wide, sorted({c for p in tested for c in p}), "label", pairs=tested, by=["encoder"],
-                              group_col="image_id", seed=seed)
-    return Jitter(pd.DataFrame(rows), pd.DataFrame(overlap_rows), tests, scores)
+                              group_col="image_id", seed=seed, dropna=True)
+    return Jitter(pd.DataFrame(rows), pd.DataFrame(overlap_rows), tests, scores,
+                  pd.DataFrame(excl, columns=["encoder", "sigma_px", "scale_sigma"] + _EXCLUSION_COLUMNS))

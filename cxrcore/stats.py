@@ -12,21 +12,29 @@ module goes through one counter, :func:`_below_counts`.
 
 Which procedure gives which number:
 
-- one AUC: DeLong's variance with a normal reference (pROC), or with ``groups``
-  Obuchowski's clustered variance with a t reference (Satterthwaite df); where the
-  variance is 0 (AUC 0 or 1, or every pair tied) an exact Clopper-Pearson interval on
-  disjoint pairs; or a (patient-cluster) bootstrap percentile/BCa interval.
-- two AUCs on the same rows: the same DeLong / clustered DeLong test, its p and its CI
-  from one z (or t) statistic, so they cannot disagree; where the variance of the
-  difference is 0, an exact paired-swap permutation p.
+- one AUC (:func:`delong`, and ``auc_table(method="score")``): Newcombe's score-type
+  interval, whose variance is taken at the candidate AUC, so it neither collapses nor
+  jumps at an AUC of 0 or 1, and the score test it inverts (the Wilcoxon-Mann-Whitney
+  normal test at 0.5); with ``groups`` its variance is scaled by Obuchowski's clustered
+  design effect and referred to t with Satterthwaite df capped at patients - 1.
+  Wald or logit intervals on DeLong's variance (pROC, iMRMC) on request. Or a
+  (patient-cluster) bootstrap percentile/BCa interval, the score interval where every
+  replicate equals the estimate.
+- two AUCs on the same rows: the DeLong / clustered DeLong test, its p and its CI from
+  one z (or t) statistic, so they cannot disagree; where the variance of the difference
+  is 0, the paired-swap permutation p of the two scores' ranks.
+- two strata's AUCs against shared negatives (:func:`bootstrap_auc_gap`): one joint
+  (patient-cluster) bootstrap.
 
 References: DeLong, DeLong & Clarke-Pearson 1988, Biometrics 44:837 (variance and
 paired test); Sun & Xu 2014, IEEE Signal Processing Letters 21:1389 (fast midrank
 algorithm); Obuchowski 1997, Biometrics 53:567 (clustered data); Satterthwaite 1946,
-Biometrics Bulletin 2:110 (df); Clopper & Pearson 1934, Biometrika 26:404 (exact
-interval); Efron 1987, JASA 82:171 (BCa intervals); Benjamini & Hochberg 1995, JRSS-B
-57:289 (FDR); Wilson 1927, JASA 22:209 and Korn & Graubard 1998, Survey Methodology
-24:193 (proportions from clustered samples).
+Biometrics Bulletin 2:110 (df); Hanley & McNeil 1982, Radiology 143:29 and Newcombe
+2006, Statistics in Medicine 25:559 (score interval); Bandos, Rockette & Gur 2005,
+Statistics in Medicine 24:2873 (rank permutation test for paired AUCs); Efron 1987,
+JASA 82:171 (BCa intervals); Benjamini & Hochberg 1995, JRSS-B 57:289 (FDR); Wilson
+1927, JASA 22:209 and Korn & Graubard 1998, Survey Methodology 24:193 (proportions and
+df from clustered samples).
 """
 
 from __future__ import annotations
@@ -42,8 +50,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import beta as beta_dist
-from scipy.stats import norm
+from scipy.optimize import brentq
+from scipy.stats import norm, rankdata
 from scipy.stats import t as t_dist
 
 from .probes import _group_codes, _labels01, grouped_folds, out_of_fold_scores
@@ -73,9 +81,11 @@ _LN10 = math.log(10.0)
 
 # A patient-cluster bootstrap needs this many patients with a positive row and with a
 # negative row (below it, raise), and warns below FEW_GROUPS. In seeded simulations
-# (benchmarks/sim_stats.py) the 95% percentile interval of one AUC covered 0.84 of the
-# time with 5 positive patients, 0.88-0.90 with 10 to 20 and 0.94 with 40, and a paired
-# difference's interval excluded a true 0 in 9-12% of samples with ~9 positive patients.
+# (benchmarks/sim_stats.py, section 8: 1-4 images per patient, 60 negative patients) the
+# 95% percentile interval of one AUC covered 0.89-0.93 of the time at AUC 0.69 with 5 to
+# 20 positive patients and only 0.70-0.85 at AUC 0.98, where delong(..., groups=...)'s
+# score interval covered 0.97-0.99; a paired difference's percentile interval excluded a
+# true 0 in 8.5% of samples with ~9 positive patients.
 MIN_GROUPS = 5
 FEW_GROUPS = 20
 
@@ -89,7 +99,12 @@ class NotEstimable(ValueError):
 
 
 class FewClustersWarning(UserWarning):
-    """Fewer patients per class than a patient-cluster bootstrap interval needs to be trusted."""
+    """Fewer patients per class than a patient-cluster bootstrap interval needs to be trusted.
+
+    With 5-20 patients per class its 95% percentile interval covered 0.89-0.93 at an AUC
+    of 0.69 and 0.70-0.85 at 0.98 in our simulations; :func:`delong` with ``groups`` (the
+    clustered score interval) covered 0.955-0.99 in the same samples.
+    """
 
 
 # -- input checks ------------------------------------------------------------------------
@@ -148,16 +163,6 @@ class _Clusters:
     def n_neg(self) -> int:
         """Patients with a negative row (Obuchowski's I01)."""
         return int(self.has_neg.sum())
-
-    @property
-    def disjoint_pairs(self) -> int:
-        """Most positive-negative pairs that use every patient at most once (independent pairs)."""
-        both = int((self.has_pos & self.has_neg).sum())
-        pos_only, neg_only = self.n_pos - both, self.n_neg - both
-        k = min(pos_only, neg_only)
-        # left-over one-class patients pair with mixed ones, and mixed ones with each other
-        k_mixed = min(abs(pos_only - neg_only), both)
-        return k + k_mixed + (both - k_mixed) // 2
 
 
 def _clusters(groups, y: np.ndarray) -> _Clusters:
@@ -262,25 +267,84 @@ def _log_p(z: float, df: float) -> float:
     return min(0.0, math.log(2.0) + float(tail))
 
 
-def _exact_pairs(theta: float, k: int, level: float, null: float) -> tuple[tuple[float, float], float]:
-    """Clopper-Pearson interval and two-sided p for an AUC from ``k`` independent pairs.
+def _newcombe_variance(theta: float, m: int, n: int) -> float:
+    """Variance of an AUC estimate as a function of the true AUC (Newcombe 2006, method 5).
 
-    k positive-negative pairs that share no patient are independent, each concordant with
-    chance P(X > Y) <= AUC, so the number concordant is at most Binomial(k, AUC): the
-    exact binomial interval (Clopper & Pearson 1934) of k * theta successes bounds the
-    AUC, e.g. (alpha/2)^(1/k) below an observed AUC of 1. Ties count one half (the beta
-    form accepts a fractional count). Used only where DeLong's variance is 0, so the
-    interval does not collapse onto the estimate. Returns ((low, high), log p vs null).
+    Hanley & McNeil's (1982) exponential-model variance with both (m - 1) and (n - 1)
+    replaced by N* = (m + n)/2 - 1. At theta = 0.5 it is (m + n + 1)/(12 m n), the
+    variance of the Mann-Whitney U/mn under no difference, so the score test of AUC = 0.5
+    is the Wilcoxon-Mann-Whitney normal test. Symmetric: V(theta) = V(1 - theta).
     """
-    x = theta * k
-    a = 1.0 - level
-    lo = 0.0 if x <= 0 else float(beta_dist.ppf(a / 2.0, x, k - x + 1))
-    hi = 1.0 if x >= k else float(beta_dist.ppf(1.0 - a / 2.0, x + 1, k - x))
-    # the same two one-sided binomial tests the interval inverts, so p < 1 - level
-    # exactly when the interval excludes the null
-    log_upper = 0.0 if x <= 0 else float(beta_dist.logcdf(null, x, k - x + 1))  # P(>= x | null)
-    log_lower = 0.0 if x >= k else float(beta_dist.logsf(null, x + 1, k - x))  # P(<= x | null)
-    return (lo, hi), min(0.0, math.log(2.0) + min(log_upper, log_lower))
+    k = (m + n) / 2.0 - 1.0
+    u = theta * (1.0 - theta)
+    return u * (2.0 + k + (1.0 + 2.0 * k) * u) / ((2.0 - theta) * (1.0 + theta) * float(m) * n)
+
+
+def _score_lower(theta: float, m: int, n: int, c: float, q: float) -> float:
+    """Lower limit: the root in [0, theta] of theta - x = q sqrt(c V(x)).
+
+    sqrt(V) is concave on [0, 1], so theta - x - q sqrt(c V(x)) is convex there and has
+    one root below theta (at theta = 1 the other root, x = 1, is excluded by bracketing
+    just below it).
+    """
+    if theta <= 0.0:
+        return 0.0
+
+    def h(x: float) -> float:
+        return theta - x - q * math.sqrt(c * _newcombe_variance(x, m, n))
+
+    hi = theta
+    step = 1e-3
+    while h(hi) >= 0.0:  # only at theta = 1, where h(theta) = 0: step below the trivial root
+        if step < 1e-300:
+            raise ArithmeticError(f"no score-interval root below AUC {theta!r} (m={m}, n={n}, c={c!r}, q={q!r})")
+        hi = theta - step
+        step /= 10.0
+    return float(brentq(h, 0.0, hi, xtol=1e-15, rtol=4 * np.finfo(float).eps))
+
+
+def _score_interval(theta: float, m: int, n: int, c: float, q: float) -> tuple[float, float]:
+    """All AUCs x with |theta - x| <= q sqrt(c V(x)) (V of :func:`_newcombe_variance`), as (low, high).
+
+    A score-type interval: the variance is taken at the candidate AUC, not at the
+    estimate, so it does not collapse at an AUC of 0 or 1 and widens smoothly as the
+    estimate moves away from them (Newcombe 2006, Statistics in Medicine 25:559, method
+    5; the same construction as Wilson's interval for a proportion). c scales the
+    variance (a design effect for clustered rows); by symmetry the upper limit is
+    1 - lower(1 - theta).
+    """
+    return _score_lower(theta, m, n, c, q), 1.0 - _score_lower(1.0 - theta, m, n, c, q)
+
+
+def _score_test(theta: float, m: int, n: int, c: float, df: float, null: float) -> tuple[float, float]:
+    """(z, log p) of the score test of AUC = null, the test :func:`_score_interval` inverts."""
+    z = (theta - null) / math.sqrt(c * _newcombe_variance(null, m, n))
+    return z, _log_p(z, df)
+
+
+def _monotone_design_effect(theta: float, m: int, n: int, deff: float, q: float, q_ref: float, null: float) -> float:
+    """The design effect raised, where needed, so that no data get more precision than perfect separation.
+
+    At an AUC of 0 or 1 the placements carry no information on the clustering, so the
+    design effect there is 1 (with the reference quantile ``q_ref``). A design effect
+    below 1 estimated from a few discordant pairs could otherwise give less perfect data
+    a narrower interval, or a smaller p, than perfect data on the same patients; c is the
+    smallest value >= ``deff`` for which neither happens (it binds only near 0 and 1).
+    """
+    side = (1.0 - null) if theta >= null else null
+    c = max(deff, ((theta - null) / side) ** 2)  # |z| no larger than perfect separation's
+    ref = 1.0 - _score_lower(1.0, m, n, 1.0, q_ref)  # width of the perfect-separation interval
+
+    def width(cc: float) -> float:
+        lo, hi = _score_interval(theta, m, n, cc, q)
+        return hi - lo
+
+    if width(c) >= ref:
+        return c
+    top = 2.0 * c + 1.0
+    while width(top) < ref:
+        top *= 2.0
+    return float(brentq(lambda cc: width(cc) - ref, c, top, xtol=1e-12))
 
 
 # -- DeLong -------------------------------------------------------------------------------
@@ -288,10 +352,13 @@ def _exact_pairs(theta: float, k: int, level: float, null: float) -> tuple[tuple
 class AUCResult:
     """One AUC with its DeLong variance, a confidence interval and a test against ``null``.
 
-    method: "wald" or "logit" (the interval's scale), or "exact_pairs" where the variance
-    was 0 (see :func:`delong`). df: degrees of freedom of the t reference (inf: normal).
-    z, p_value, log10_p test AUC = ``null`` on the interval's scale, so p < 1 - level
-    exactly when the interval excludes the null.
+    method: "score" (the default, see :func:`delong`), "wald" or "logit". variance: the
+    DeLong (or, with groups, Obuchowski's clustered) variance at the estimate; se its
+    root. design_effect: the factor on the score interval's variance (clustered over
+    row-wise; 1 without groups). df: degrees of freedom of the t reference (inf: normal).
+    z, p_value, log10_p test AUC = ``null`` with the statistic the interval inverts, so
+    p < 1 - level exactly when the interval excludes the null. NaN interval and p, with
+    the reason in ``note``, where the data support no interval.
     """
 
     auc: float
@@ -299,7 +366,7 @@ class AUCResult:
     ci: tuple[float, float]
     n_pos: int
     n_neg: int
-    method: str = "wald"
+    method: str = "score"
     level: float = 0.95
     df: float = math.inf
     null: float = 0.5
@@ -307,6 +374,7 @@ class AUCResult:
     p_value: float = math.nan
     log10_p: float = math.nan
     n_groups: int | None = None
+    design_effect: float = 1.0
     note: str = ""
 
     @property
@@ -403,16 +471,20 @@ def _obuchowski(cl: _Clusters, m: int, n: int, ab1, ab2=None) -> tuple[float, fl
 
 
 def _satterthwaite(s10: float, s01: float, cl: _Clusters) -> float:
-    """Welch-Satterthwaite df of S10/M + S01/N, each estimated from I10 - 1 and I01 - 1 df.
+    """Degrees of freedom of Obuchowski's variance: Welch-Satterthwaite, at most I - 1.
 
-    The within-patient cross term is left out of the df. With few patients on one side
-    the df falls towards I10 - 1 (or I01 - 1) and the t reference widens the interval: in
-    seeded simulations with ~9 positive patients the test then rejected 5.0% of true
-    nulls at alpha 0.05, against 7.9% with a normal reference (benchmarks/sim_stats.py).
+    S10/M + S01/N are estimated from I10 - 1 and I01 - 1 df, and Welch-Satterthwaite
+    combines them; the within-patient cross term is left out. But all three terms are sums
+    over the same I patients' totals, so the variance has at most I - 1 df whatever the
+    split: where patients hold both classes (a lesion and its control in one image, both
+    arms of a pair) I10 + I01 - 2 exceeds I - 1 and Welch-Satterthwaite alone gave up to
+    twice too many df (median 8.9 with I = 6 patients), so the df is capped at I - 1 (the
+    G - 1 df of a cluster-robust variance from G clusters; Korn & Graubard 1998). With few
+    patients on one side the df falls towards I10 - 1 (or I01 - 1).
     """
     num = (s10 + s01) ** 2
     den = s10**2 / (cl.n_pos - 1.0) + s01**2 / (cl.n_neg - 1.0)
-    return num / den if den > 0 else math.inf
+    return min(num / den if den > 0 else math.inf, cl.n - 1.0)
 
 
 def _check_reference(reference: str) -> None:
@@ -420,27 +492,48 @@ def _check_reference(reference: str) -> None:
         raise ValueError(f"reference must be 't' (Satterthwaite df) or 'normal' (as iMRMC's doAUCcluster); got {reference!r}")
 
 
-def delong(y_true, score, method: str = "wald", level: float = 0.95, *, groups=None, null: float = 0.5,
-           reference: str = "t") -> AUCResult:
-    """AUC with DeLong variance, a ``level`` CI and a test of AUC = ``null``.
+def _logit_interval(a: float, se: float, q: float, null: float) -> tuple[tuple[float, float], float]:
+    centre, se_logit = math.log(a / (1.0 - a)), se / (a * (1.0 - a))
+    ci = (1.0 / (1.0 + math.exp(-(centre - q * se_logit))), 1.0 / (1.0 + math.exp(-(centre + q * se_logit))))
+    return ci, (centre - math.log(null / (1.0 - null))) / se_logit
 
-    method: "wald" (AUC +/- q*SE, clipped to [0, 1], as pROC's ci.auc) or "logit"
-    (Wald on logit(AUC) by the delta method, back-transformed; inside (0, 1) wherever the
-    variance is positive).
-    groups: one patient id per row; the variance is then Obuchowski's clustered DeLong
-    variance (several images of one patient are not independent draws) and, with
-    ``reference="t"``, the reference a t distribution with Satterthwaite df (see
-    :func:`_satterthwaite`); ``reference="normal"`` reproduces iMRMC's doAUCcluster. It raises :class:`NotEstimable` when all
-    positive (or all negative) rows are in one patient: the variance is then undefined.
-    Where the variance is 0 (AUC 0 or 1, or every pair tied) no Wald interval exists;
-    the interval and p are then the exact Clopper-Pearson ones on the largest set of
-    positive-negative pairs that share no patient (``method="exact_pairs"``, see
-    :func:`_exact_pairs`), so an AUC of 1 from 3 + 3 rows gives [0.292, 1] and p = 0.25.
-    DeLong et al. 1988, Biometrics 44:837; placements by Sun & Xu 2014; clusters:
-    Obuchowski 1997, Biometrics 53:567; exact interval: Clopper & Pearson 1934.
+
+def delong(y_true, score, method: str = "score", level: float = 0.95, *, groups=None, null: float = 0.5,
+           reference: str = "t") -> AUCResult:
+    """AUC with its DeLong variance, a ``level`` CI and a test of AUC = ``null``.
+
+    method "score" (default): Newcombe's (2006, Statistics in Medicine 25:559, method 5)
+    score-type interval, the AUCs x with |AUC - x| <= q sqrt(c V(x)), V(x) the
+    Hanley-McNeil variance at the candidate AUC x (see :func:`_newcombe_variance`), and
+    the score test of AUC = ``null`` it inverts (with one row per patient and null 0.5,
+    the Wilcoxon-Mann-Whitney normal test). Because V is taken at x, not at the
+    estimate, the interval neither collapses nor jumps at an AUC of 0 or 1: perfect
+    separation of 20 + 20 rows gives [0.899, 1], one discordant pair [0.894, 1.000]. The
+    Wald interval on DeLong's variance is too narrow near 1, where the book's roi_local
+    AUCs lie: its 95% interval missed 8-17% of the time at AUCs 0.95-0.99 in our
+    simulations (benchmarks/sim_stats.py), against 1-5% for this one.
+    groups: one patient id per row. c is then the design effect, Obuchowski's (1997)
+    clustered variance over DeLong's row-wise one on the same placements, and q comes
+    from a t reference with Satterthwaite df capped at I - 1 (:func:`_satterthwaite`;
+    ``reference="normal"``: a normal one). At an AUC of 0 or 1 (or every pair tied) both
+    variances are 0, the clustering is not estimable and c = 1, df = I - 1; a c below 1
+    is raised where needed so that less perfect data never get a narrower interval or a
+    smaller p than perfect separation on the same patients
+    (:func:`_monotone_design_effect`). Where the clustered variance is 0 but the row-wise
+    one is not (every discordant pair inside a patient), the interval and p are NaN with
+    the reason in ``note``. It raises :class:`NotEstimable` when all positive (or all
+    negative) rows are in one patient.
+    method "wald" (AUC +/- q SE, clipped to [0, 1], as pROC's ci.auc; with
+    ``reference="normal"``, iMRMC's doAUCcluster) and "logit" (Wald on logit(AUC)):
+    for comparison with those packages. They need a variance above 0; where it is 0 they
+    fall back to the score interval (``method`` then says "score"). Near an AUC of 1 they
+    under-cover and jump: one discordant pair more than perfect separation turns the
+    score interval [0.899, 1] into the Wald interval [0.991, 1] with p = 0.
+    DeLong et al. 1988, Biometrics 44:837; Sun & Xu 2014; Obuchowski 1997, Biometrics
+    53:567; Newcombe 2006; Hanley & McNeil 1982, Radiology 143:29.
     """
-    if method not in ("wald", "logit"):
-        raise ValueError(f"method must be 'wald' or 'logit'; got {method!r}")
+    if method not in ("score", "wald", "logit"):
+        raise ValueError(f"method must be 'score', 'wald' or 'logit'; got {method!r}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level!r}")
     if not 0.0 < null < 1.0:
@@ -450,43 +543,69 @@ def delong(y_true, score, method: str = "wald", level: float = 0.95, *, groups=N
     s = _as_score(score, y.shape[0])
     m, n = _check_classes(y, need=2, what="a DeLong variance")
     a, v10, v01 = _placements(y, s)
+    var_rows = _variance(v10, v01)
     cl = None if groups is None else _clusters(groups, y)
-    n_groups = None if cl is None else cl.n
+    common = dict(auc=a, n_pos=m, n_neg=n, level=level, null=null, n_groups=None if cl is None else cl.n)
+    df_max = math.inf
     if cl is None:
-        var, df = _variance(v10, v01), math.inf
+        var, df = var_rows, math.inf
     else:
         s10, s01, s11 = _obuchowski(cl, m, n, _cluster_sums(cl, y, a, v10, v01))
-        var, df = max(s10 + s01 + s11, 0.0), _satterthwaite(s10, s01, cl) if reference == "t" else math.inf
-    common = dict(auc=a, variance=var, n_pos=m, n_neg=n, level=level, null=null, n_groups=n_groups)
-    if var <= 0.0:
-        k = min(m, n) if cl is None else cl.disjoint_pairs
-        ci, log_p = _exact_pairs(a, k, level, null)
-        return AUCResult(ci=ci, method="exact_pairs", df=math.inf, z=math.nan, p_value=math.exp(log_p),
-                         log10_p=log_p / _LN10, note=f"DeLong variance 0 (AUC {a:g}): exact Clopper-Pearson "
-                         f"interval and p on {k} positive-negative pairs that share no patient", **common)
+        var = max(s10 + s01 + s11, 0.0)
+        df_max = cl.n - 1.0 if reference == "t" else math.inf
+        df = _satterthwaite(s10, s01, cl) if reference == "t" and var > 0.0 else df_max
+    if var <= 0.0 < var_rows:
+        nan = (math.nan, math.nan)
+        return AUCResult(ci=nan, variance=var, method=method, df=df, design_effect=math.nan,
+                         note=f"not estimable: the clustered variance is 0 at AUC {a:g} although the row-wise one is "
+                         "not (every discordant pair lies inside a patient, whose totals then cancel); no interval "
+                         "or p. Report the AUC alone, or pool strata.", **common)
+    note = ""
+    if method == "score" or var <= 0.0:
+        if method != "score":
+            note = f"variance 0 (AUC {a:g}): no {method} interval exists; score interval instead"
+        q = _quantile(level, df)
+        c = 1.0
+        if cl is not None:
+            # 0/0 at AUC 0 or 1: the clustering cannot be estimated there, so c = 1
+            deff = var / var_rows if var_rows > 0.0 else 1.0
+            c = _monotone_design_effect(a, m, n, deff, q, _quantile(level, df_max), null)
+        ci = _score_interval(a, m, n, c, q)
+        z, log_p = _score_test(a, m, n, c, df, null)
+        return AUCResult(ci=ci, variance=var, method="score", df=df, z=z, p_value=math.exp(log_p),
+                         log10_p=log_p / _LN10, design_effect=c, note=note, **common)
     se = math.sqrt(var)
     q = _quantile(level, df)
     if method == "wald":
         ci = (max(0.0, a - q * se), min(1.0, a + q * se))
         z = (a - null) / se
     else:
-        # se > 0 implies 0 < AUC < 1, so the logit is finite.
-        centre, se_logit = math.log(a / (1.0 - a)), se / (a * (1.0 - a))
-        ci = (1.0 / (1.0 + math.exp(-(centre - q * se_logit))), 1.0 / (1.0 + math.exp(-(centre + q * se_logit))))
-        z = (centre - math.log(null / (1.0 - null))) / se_logit
+        ci, z = _logit_interval(a, se, q, null)  # se > 0 implies 0 < AUC < 1
     log_p = _log_p(z, df)
-    return AUCResult(ci=ci, method=method, df=df, z=z, p_value=math.exp(log_p), log10_p=log_p / _LN10, **common)
+    return AUCResult(ci=ci, variance=var, method=method, df=df, z=z, p_value=math.exp(log_p), log10_p=log_p / _LN10,
+                     design_effect=math.nan, **common)
 
 
 def _paired_swap_log_p(y, sa, sb, units: np.ndarray, delta: float, n_permutations: int, seed) -> tuple[float, str]:
-    """Two-sided permutation p of auc(a) - auc(b) with the two scores swapped within units.
+    """Two-sided permutation p of auc(a) - auc(b), swapping the two scores' ranks within units.
 
-    Under the null that a unit's (a, b) scores are exchangeable, every swap pattern is
-    equally likely; p is the share of patterns whose |difference| reaches the observed
-    one: all 2^U patterns when U <= 12 units (exact; 3 + 3 rows, one perfect score and
-    one constant, give p = 0.25), else ``n_permutations`` random ones with (1 + count) /
-    (1 + n_permutations). Units are patients when groups are given, else rows.
+    Each score is first replaced by its midrank among all rows over the number of rows,
+    its empirical distribution function: the AUCs are unchanged, but the two scores now
+    share one scale, so swapping them is meaningful and the p no longer depends on
+    where either score's values happen to lie (swapping raw scores, 3 + 3 rows with a
+    perfect score 0..5 against a constant one gave p = 0.25 for the constant 0, 0.031
+    for 2.5 and 0.34 for 100, with the same two AUCs). Under the null that a unit's two
+    rank ratings are exchangeable, every swap pattern is equally likely, and p is the
+    share of patterns whose |difference| reaches the observed one (Bandos, Rockette &
+    Gur 2005, Statistics in Medicine 24:2873, who permute subject-specific ranks in the
+    same way): all 2^U patterns when U <= 12 units (exact; those 3 + 3 rows give
+    2/64 = 0.031, as only the observed and the fully swapped pattern reach 0.5, whatever
+    the scores' scales), else ``n_permutations`` random ones with (1 + count) /
+    (1 + n_permutations). p is invariant to strictly increasing transforms of either
+    score. Units are patients when groups are given, else rows.
     """
+    n_rows = y.shape[0]
+    ra, rb = rankdata(sa) / n_rows, rankdata(sb) / n_rows
     n_units = int(units.max()) + 1
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
     if n_units <= 12:
@@ -499,12 +618,13 @@ def _paired_swap_log_p(y, sa, sb, units: np.ndarray, delta: float, n_permutation
     count = 0
     for swap in patterns:
         sw = swap[units]
-        a2, b2 = np.where(sw, sb, sa), np.where(sw, sa, sb)
+        a2, b2 = np.where(sw, rb, ra), np.where(sw, ra, rb)
         d = _auc_of(a2[pos], np.sort(a2[neg])) - _auc_of(b2[pos], np.sort(b2[neg]))
         count += abs(d) >= abs(delta) - tol
     if exact:
-        return math.log(count / patterns.shape[0]), f"exact over all {patterns.shape[0]} swap patterns"
-    return math.log((1 + count) / (1 + patterns.shape[0])), f"Monte Carlo over {patterns.shape[0]} random swap patterns"
+        return math.log(count / patterns.shape[0]), f"exact over all {patterns.shape[0]} swap patterns of the scores' ranks"
+    return (math.log((1 + count) / (1 + patterns.shape[0])),
+            f"Monte Carlo over {patterns.shape[0]} random swap patterns of the scores' ranks")
 
 
 def delong_paired(y_true, score_a, score_b, *, groups=None, level: float = 0.95, n_permutations: int = 2000,
@@ -515,14 +635,16 @@ def delong_paired(y_true, score_a, score_b, *, groups=None, level: float = 0.95,
     roc.test(method="delong") and a normal reference. With groups (one patient id per
     row): Obuchowski's (1997) clustered covariance and a t reference with Satterthwaite df
     (see :func:`_satterthwaite`); this is the test the tables use wherever a patient has
-    several rows. ``reference="normal"`` refers the clustered z to the normal instead, as
-    iMRMC's doAUCcluster does (its size runs high with few patients). The CI of ``auc_a - auc_b`` is delta +/- q * SE from the same reference,
+    several rows (df capped at I - 1). ``reference="normal"`` refers the clustered z to
+    the normal instead, as iMRMC's doAUCcluster does (its size runs high with few
+    patients). The CI of ``auc_a - auc_b`` is delta +/- q * SE from the same reference,
     so p < 1 - level exactly when the CI excludes 0. p comes from the log survival
     function, so z = 40 still has a finite ``log10_p`` (print it with :func:`format_p`).
-    Where the variance of the difference is 0 no Wald test exists: a zero difference gives
-    z = 0, p = 1; a nonzero one (e.g. a perfect against a constant score) gets the exact
-    paired-swap permutation p (:func:`_paired_swap_log_p`, ``n_permutations`` and
-    ``seed`` used only there) and no interval.
+    Where the variance of the difference is 0 no Wald test exists, and ``method`` is
+    "paired_swap": the permutation p of swapping the two scores' ranks within patients
+    (:func:`_paired_swap_log_p`, exact up to 12 patients, else ``n_permutations``
+    seeded by ``seed``), with z NaN and no interval; a zero difference then has p = 1
+    (every swap pattern reaches it).
     DeLong et al. 1988, Biometrics 44:837; Sun & Xu 2014, IEEE SPL 21:1389; Obuchowski
     1997, Biometrics 53:567.
     """
@@ -561,8 +683,10 @@ def delong_paired(y_true, score_a, score_b, *, groups=None, level: float = 0.95,
         q = _quantile(level, df)
         ci = (max(-1.0, delta - q * se), min(1.0, delta + q * se))
     elif delta == 0.0:
-        z, log_p = 0.0, 0.0
-        note = "the two scores order every positive-negative pair alike: difference 0, variance 0, no interval"
+        # every swap pattern reaches |difference| >= 0, so the paired-swap p is 1 exactly
+        z, log_p, df, method = math.nan, 0.0, math.inf, "paired_swap"
+        note = ("difference 0 with variance 0 (both scores order every positive-negative pair alike): the "
+                "paired-swap permutation p is 1; no interval")
     else:
         units = np.arange(y.shape[0]) if cl is None else cl.codes
         log_p, how = _paired_swap_log_p(y, sa, sb, units, delta, n_permutations, seed)
@@ -593,8 +717,12 @@ class BootstrapResult:
 
     ``difference`` is ``auc - auc_b``; ``replicates`` holds the bootstrap AUCs
     (shape (n_boot,) or (n_boot, 2)); replicates with an empty class are NaN. ``method``
-    is "exact_pairs" where the AUC is 0 or 1 and the interval is the exact one of
-    :func:`delong` instead (every replicate then equals the estimate); ``note`` says so.
+    names the interval of ``auc``, ``method_b`` that of ``auc_b`` and ``diff_method``
+    that of the difference: "percentile" or "bca", or "score" where every replicate
+    equals the estimate (an AUC of 0 or 1, or every pair tied), so the bootstrap has no
+    spread and the interval is :func:`delong`'s score interval instead; a difference
+    whose replicates are all equal (e.g. two perfect scores) has no interval (NaN limits,
+    ``diff_method`` "none"). ``note`` says which.
     """
 
     auc: float
@@ -614,6 +742,8 @@ class BootstrapResult:
     diff_ci_high: float | None = None
     replicates: np.ndarray | None = field(default=None, repr=False, compare=False)
     note: str = ""
+    method_b: str | None = None
+    diff_method: str | None = None
 
     @property
     def ci(self) -> tuple[float, float]:
@@ -652,19 +782,58 @@ class _Ranker:
         return cw[-1] - 0.5 * (cw[self.ulo] + cw[self.uhi])
 
 
+@dataclass(frozen=True)
+class _ClusterPlan:
+    """What a patient-cluster bootstrap replicate needs, for one or more AUCs on the same rows.
+
+    strata: arrays of cluster codes, each resampled with replacement to its own size.
+    cl_pos / cl_neg: the cluster of each positive / negative row (in the rankers' order).
+    masks: per AUC, 0/1 weights on the positives it uses (None: all), so AUCs of
+    different positive subsets (the strata of :func:`bootstrap_auc_gap`) share one draw.
+    mixed: the patients holding both classes, the only ones with such pairs;
+    within_pairs / within_wins: per AUC and mixed patient, its own (positive, negative)
+    pairs and the positives' wins among them, to drop the pairs between copies of one
+    patient.
+    """
+
+    strata: list
+    n_clusters: int
+    cl_pos: np.ndarray
+    cl_neg: np.ndarray
+    masks: list
+    mixed: np.ndarray
+    within_pairs: list
+    within_wins: list
+
+
+def _cluster_plan(cl: _Clusters, y: np.ndarray, scores: list, strata: list, masks: list | None = None) -> _ClusterPlan:
+    """The plan for ``scores`` on the rows of ``y``, clusters ``cl``; ``masks`` as in :class:`_ClusterPlan`."""
+    cl_pos, cl_neg = cl.codes[y], cl.codes[~y]
+    masks = masks if masks is not None else [None] * len(scores)
+    neg_per = np.bincount(cl_neg, minlength=cl.n).astype(np.float64)
+    pairs, wins = [], []
+    for s, mk in zip(scores, masks):
+        keep = np.ones(cl_pos.shape[0], bool) if mk is None else mk.astype(bool)
+        pairs.append(np.bincount(cl_pos[keep], minlength=cl.n) * neg_per)
+        wins.append(_within_cluster_wins(s[y][keep], s[~y], cl_pos[keep], cl_neg, cl.n))
+    mixed = np.flatnonzero(cl.has_pos & cl.has_neg)
+    return _ClusterPlan([st for st in strata if st.shape[0] > 0], cl.n, cl_pos, cl_neg, masks, mixed,
+                        [p[mixed] for p in pairs], [w[mixed] for w in wins])
+
+
 def _bootstrap_chunk(
     rankers: list[_Ranker],
     m: int,
     n: int,
     n_rep: int,
     seed: np.random.SeedSequence,
-    clusters: tuple | None,
+    plan: _ClusterPlan | None,
 ) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out = np.empty((n_rep, len(rankers)))
     idx_dtype = np.int32 if max(m, n) < 2**31 - 1 else np.int64
     for r in range(n_rep):
-        if clusters is None:
+        if plan is None:
             # Stratified: m positives and n negatives drawn separately, so every
             # replicate keeps the observed prevalence.
             w = np.bincount(rng.integers(0, m, m, dtype=idx_dtype), minlength=m).astype(np.float64)
@@ -672,19 +841,38 @@ def _bootstrap_chunk(
             for k, rk in enumerate(rankers):
                 out[r, k] = rk.above(w)[rk.key[drawn]].sum() / (float(m) * n)
         else:
-            strata, n_clusters, cl_pos, cl_neg, within_pairs, within_wins = clusters
-            counts = np.zeros(n_clusters)
-            for members in strata:
+            counts = np.zeros(plan.n_clusters)
+            for members in plan.strata:
                 counts += np.bincount(
-                    members[rng.integers(0, members.shape[0], members.shape[0])], minlength=n_clusters
+                    members[rng.integers(0, members.shape[0], members.shape[0])], minlength=plan.n_clusters
                 )
-            w, u = counts[cl_pos], counts[cl_neg]
-            copies = counts * counts - counts  # copy-to-copy pairs of each patient drawn more than once
-            total = w.sum() * u.sum() - copies @ within_pairs
+            w, u = counts[plan.cl_pos], counts[plan.cl_neg]
+            c = counts[plan.mixed]
+            copies = c * c - c  # copy-to-copy pairs of each mixed patient drawn more than once
             for k, rk in enumerate(rankers):
-                wins = (u * rk.above(w)[rk.key]).sum() - copies @ within_wins[k]
+                wk = w if plan.masks[k] is None else w * plan.masks[k]
+                # multiply-and-sum, not a BLAS dot: no BLAS threads in the hot loop
+                total = wk.sum() * u.sum() - (copies * plan.within_pairs[k]).sum()
+                wins = (u * rk.above(wk)[rk.key]).sum() - (copies * plan.within_wins[k]).sum()
                 out[r, k] = wins / total if total > 0 else np.nan
     return out
+
+
+def _run_bootstrap(rankers: list[_Ranker], m: int, n: int, n_boot: int, seed, n_jobs: int | None,
+                   plan: _ClusterPlan | None) -> np.ndarray:
+    """``n_boot`` replicates in chunks of one seed each, so results do not depend on the number of threads."""
+    n_chunks = -(-n_boot // _CHUNK)
+    root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    seeds = root.spawn(n_chunks)
+    sizes = [min(_CHUNK, n_boot - i * _CHUNK) for i in range(n_chunks)]
+    workers = min(_n_workers(n_jobs), n_chunks)
+    if workers > 1:
+        # NumPy's random fills, gathers and sums release the GIL, so threads scale.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(lambda a: _bootstrap_chunk(rankers, m, n, a[0], a[1], plan), zip(sizes, seeds)))
+    else:
+        parts = [_bootstrap_chunk(rankers, m, n, k, sd, plan) for k, sd in zip(sizes, seeds)]
+    return np.concatenate(parts, axis=0)
 
 
 def _jackknife(v10: np.ndarray, v01: np.ndarray, theta: float) -> np.ndarray:
@@ -765,12 +953,14 @@ def _check_cluster_counts(cl: _Clusters, min_groups: int, what: str) -> None:
         raise NotEstimable(
             f"{counts}; {what} needs at least {min_groups} of each (it resamples whole groups, and with fewer "
             "the replicates take only a handful of values). Pool strata, or use delong(..., groups=...) "
-            "(Obuchowski's clustered variance with a t reference), whose size holds with few patients."
+            "(the score interval with Obuchowski's clustered design effect and a t reference), whose coverage "
+            "holds with few patients."
         )
     if few < FEW_GROUPS:
         warnings.warn(
             f"{counts} (fewer than {FEW_GROUPS}): {what}'s percentile interval runs too narrow with this few "
-            "clusters (95% intervals covered 0.84-0.90 in simulation with 5-20); prefer delong(..., groups=...).",
+            "clusters (95% intervals covered 0.89-0.93 in simulation with 5-20 at AUC 0.69, 0.70-0.85 at AUC "
+            "0.98); delong(..., groups=...)'s score interval covered 0.955-0.99 in the same samples.",
             FewClustersWarning,
             stacklevel=3,
         )
@@ -799,9 +989,13 @@ def bootstrap_auc(
     ``FEW_GROUPS`` = 20. ``score_b`` is scored on the same replicates, giving a CI for
     ``auc - auc_b``. method: "percentile" or "bca" (Efron 1987, JASA 82:171), whose
     acceleration comes from the closed-form jackknife of the DeLong placements (DeLong et
-    al. 1988). An AUC of 0 or 1 makes every replicate equal to it, so its interval is the
-    exact one of :func:`delong` instead (``method="exact_pairs"``). seed: an int or a
-    SeedSequence; the same seed gives the same replicates whatever ``n_jobs`` is
+    al. 1988). Where every replicate equals the estimate (an AUC of 0 or 1, or every pair
+    tied) the bootstrap has no spread to offer, and the interval is :func:`delong`'s
+    score interval on the same rows (and patients) instead (``method`` "score"); a
+    difference whose replicates all equal it has no interval (NaN limits, ``diff_method``
+    "none"), as :func:`delong_paired` gives none where the variance of the difference is
+    0. ``method``, ``method_b`` and ``diff_method`` name each interval. seed: an int or
+    a SeedSequence; the same seed gives the same replicates whatever ``n_jobs`` is
     (threads; the hot loops release the GIL).
     """
     if method not in ("percentile", "bca"):
@@ -817,10 +1011,10 @@ def bootstrap_auc(
         scores.append(_as_score(score_b, y.shape[0], "score_b"))
     m, n = _check_classes(y, need=2, what="a bootstrap CI")
 
-    cl = _clusters(groups, y)  # groups=None: every row its own cluster (for the exact interval's pairs)
-    cl_pos = cl_neg = None
+    cl = None
     n_groups = None
     if groups is not None:
+        cl = _clusters(groups, y)
         _check_cluster_counts(cl, int(min_groups), "a patient-cluster bootstrap")
         n_groups = cl.n
         cl_pos, cl_neg = cl.codes[y], cl.codes[~y]
@@ -829,56 +1023,45 @@ def bootstrap_auc(
     # is then dominated by one random draw and two gathers over the larger class.
     # Swapping classes and negating scores leaves every AUC unchanged.
     swap = m > n
+    y_r = ~y if swap else y
+    scores_r = [-s for s in scores] if swap else scores
     thetas, rankers, placements = [], [], []
-    for s in scores:
-        pos, neg = (-s[~y], -s[y]) if swap else (s[y], s[~y])
+    for s, s_r in zip(scores, scores_r):
         a, v10, v01 = _placements(y, s)
         thetas.append(a)
         placements.append((v10, v01))
-        rankers.append(_Ranker(pos, neg))
+        rankers.append(_Ranker(s_r[y_r], s_r[~y_r]))
     mm, nn = (n, m) if swap else (m, n)
 
-    clusters = None
-    if groups is not None:
-        cp, cn = (cl_neg, cl_pos) if swap else (cl_pos, cl_neg)
-        strata = [s for s in (np.flatnonzero(cl.has_pos), np.flatnonzero(~cl.has_pos)) if s.shape[0] > 0]
+    plan = None
+    if cl is not None:
         # Within-patient (positive, negative) wins per patient and per score, and the number
         # of such pairs. A patient drawn c times would otherwise contribute c**2 copies of
         # its within-patient pairs (c of them real, c*(c-1) between copies of itself), so the
         # replicates over-weight within-patient pairs and, in a paired design where those
         # pairs differ from between-patient ones, are biased (percentile CIs that miss the
         # estimate). Removing the copy-to-copy pairs keeps their share as in the sample.
-        within_pairs = np.bincount(cl_pos, minlength=n_groups) * np.bincount(cl_neg, minlength=n_groups)
-        within_wins = [_within_cluster_wins(sc[y], sc[~y], cl_pos, cl_neg, n_groups) for sc in scores]
-        clusters = (strata, n_groups, cp, cn, within_pairs.astype(np.float64), within_wins)
-
-    n_chunks = -(-n_boot // _CHUNK)
-    root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    seeds = root.spawn(n_chunks)
-    sizes = [min(_CHUNK, n_boot - i * _CHUNK) for i in range(n_chunks)]
-    workers = min(_n_workers(n_jobs), n_chunks)
-    if workers > 1:
-        # NumPy's random fills, gathers and sums release the GIL, so threads scale.
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            parts = list(
-                pool.map(lambda a: _bootstrap_chunk(rankers, mm, nn, a[0], a[1], clusters), zip(sizes, seeds))
-            )
-    else:
-        parts = [_bootstrap_chunk(rankers, mm, nn, k, sd, clusters) for k, sd in zip(sizes, seeds)]
-    reps = np.concatenate(parts, axis=0)
+        strata = [np.flatnonzero(cl.has_pos), np.flatnonzero(~cl.has_pos)]
+        plan = _cluster_plan(cl, y_r, scores_r, strata)
+    reps = _run_bootstrap(rankers, mm, nn, n_boot, seed, n_jobs, plan)
 
     alpha = 1.0 - ci
     notes = []
 
-    def interval(theta, rep, jack_fn, boundary_ok=True):
-        if boundary_ok and theta in (0.0, 1.0):
-            k = cl.disjoint_pairs
-            notes.append(f"AUC {theta:g}: every replicate equals it, so the interval is the exact "
-                         f"Clopper-Pearson one on {k} pairs that share no patient")
-            return _exact_pairs(theta, k, ci, 0.5)[0]
+    def degenerate(theta, rep) -> bool:
+        rep = rep[np.isfinite(rep)]
+        return rep.shape[0] == 0 or bool(np.all(rep == theta))
+
+    def interval(k):
+        theta, rep = thetas[k], reps[:, k]
+        if degenerate(theta, rep):
+            d = delong(y, scores[k], level=ci, groups=groups)
+            notes.append(f"{'AUC' if k == 0 else 'AUC b'} {theta:g}: every replicate equals it, so the interval is "
+                         "the score interval of delong()")
+            return d.ci, "score"
         if method == "percentile":
-            return _percentile_interval(rep, alpha)
-        return _bca_interval(theta, rep, jack_fn(), alpha)
+            return _percentile_interval(rep, alpha), method
+        return _bca_interval(theta, rep, jack_for(k), alpha), method
 
     def jack_for(k):
         v10, v01 = placements[k]
@@ -887,22 +1070,24 @@ def bootstrap_auc(
         s = scores[k]
         return _cluster_jackknife(s[y], s[~y], cl_pos, cl_neg, n_groups, v10, v01, thetas[k])
 
-    lo, hi = interval(thetas[0], reps[:, 0], lambda: jack_for(0))
-    out_method = "exact_pairs" if notes else method
+    (lo, hi), out_method = interval(0)
     extra = {}
     if score_b is not None:
-        lo_b, hi_b = interval(thetas[1], reps[:, 1], lambda: jack_for(1))
-        d_lo, d_hi = interval(
-            thetas[0] - thetas[1], reps[:, 0] - reps[:, 1], lambda: jack_for(0) - jack_for(1), boundary_ok=False
-        )
-        extra = dict(
-            auc_b=thetas[1],
-            ci_low_b=lo_b,
-            ci_high_b=hi_b,
-            difference=thetas[0] - thetas[1],
-            diff_ci_low=d_lo,
-            diff_ci_high=d_hi,
-        )
+        (lo_b, hi_b), method_b = interval(1)
+        diff, d_reps = thetas[0] - thetas[1], reps[:, 0] - reps[:, 1]
+        if degenerate(diff, d_reps):
+            d_lo = d_hi = math.nan
+            diff_method = "none"
+            notes.append(f"difference {diff:g}: every replicate equals it, so there is no interval (see "
+                         "delong_paired's paired-swap p)")
+        else:
+            diff_method = method
+            if method == "percentile":
+                d_lo, d_hi = _percentile_interval(d_reps, alpha)
+            else:
+                d_lo, d_hi = _bca_interval(diff, d_reps, jack_for(0) - jack_for(1), alpha)
+        extra = dict(auc_b=thetas[1], ci_low_b=lo_b, ci_high_b=hi_b, difference=diff, diff_ci_low=d_lo,
+                     diff_ci_high=d_hi, method_b=method_b, diff_method=diff_method)
     return BootstrapResult(
         auc=thetas[0],
         ci_low=lo,
@@ -1108,13 +1293,14 @@ def auc_table(
     df: one row per image (or box) with one score column per pooling mode, e.g.
     ``auc_table(oof, ["cls", "patch_mean", "roi_local"], "label",
     by=["encoder", "cell"], score_name="pooling", group_col="patient_id")``.
-    method: "percentile" or "bca" (bootstrap, see :func:`bootstrap_auc`) or "delong"
-    (DeLong interval, no resampling). group_col: patient ids; the bootstrap then
-    resamples whole patients, and "delong" uses Obuchowski's clustered variance with a t
-    reference wherever a patient has several rows (see :func:`delong`), so no method
-    ignores the patients. The ``method`` column names the procedure of each row
-    ("percentile", "bca", "delong", "delong_clustered", or "exact_pairs" where the AUC is
-    0 or 1). A stratum whose data cannot support an interval (e.g. every positive in one
+    method: "percentile" or "bca" (bootstrap, see :func:`bootstrap_auc`) or "score"
+    (alias "delong": :func:`delong`'s default score interval, no resampling).
+    group_col: patient ids; the bootstrap then resamples whole patients, and "score"
+    scales its variance by Obuchowski's clustered design effect with a t reference
+    wherever a patient has several rows, so no method ignores the patients. The
+    ``method`` column names the procedure of each row ("percentile", "bca", "score",
+    "score_clustered", or "score" in a bootstrap row where every replicate equals an AUC
+    of 0 or 1). A stratum whose data cannot support an interval (e.g. every positive in one
     patient, or fewer than 5 patients per class for the cluster bootstrap) keeps its AUC
     with NaN limits and the reason in ``note``; rows with fewer than 20 patients per class
     say so in ``note`` and raise one :class:`FewClustersWarning`. Each stratum's seed
@@ -1122,8 +1308,8 @@ def auc_table(
     strata are present. dropna: drop rows whose score is NaN (e.g. roi_local for images
     without a box) instead of raising.
     """
-    if method not in ("percentile", "bca", "delong"):
-        raise ValueError(f"method must be 'percentile', 'bca' or 'delong'; got {method!r}")
+    if method not in ("percentile", "bca", "score", "delong"):
+        raise ValueError(f"method must be 'percentile', 'bca' or 'score' (alias 'delong'); got {method!r}")
     score_cols, by = _as_list(score_cols), _as_list(by)
     _check_columns(df, score_cols + [label_col] + by + _as_list(group_col), "columns")
     rows, n_few = [], 0
@@ -1134,10 +1320,10 @@ def auc_table(
             g = None if group_col is None else sub[group_col].to_numpy()
             try:
                 try:
-                    if method == "delong":
+                    if method in ("score", "delong"):
                         r = delong(y, s, level=ci, groups=g if _repeats(g) else None)
                         lo, hi, nb, note = r.ci[0], r.ci[1], 0, r.note
-                        how = r.method if r.method == "exact_pairs" else ("delong" if r.n_groups is None else "delong_clustered")
+                        how = "score" if r.n_groups is None else "score_clustered"
                     else:
                         with warnings.catch_warnings(record=True) as caught:
                             warnings.simplefilter("always", FewClustersWarning)
@@ -1156,7 +1342,7 @@ def auc_table(
                     a, m, n = auc(yb, s), int(yb.sum()), int((~yb).sum())
                     lo = hi = math.nan
                     nb, note = 0, f"not estimable: {err}"
-                    how = "delong_clustered" if method == "delong" else method
+                    how = "score_clustered" if method in ("score", "delong") else method
             except ValueError as err:
                 raise ValueError(f"stratum {_stratum_label(key)}, score column {col!r}: {err}") from err
             rows.append({**key, score_name: col, "auc": a, "ci_low": lo, "ci_high": hi,
@@ -1164,7 +1350,7 @@ def auc_table(
     if n_few:
         warnings.warn(f"{n_few} rows of this AUC table come from a patient-cluster bootstrap with fewer than "
                       f"{FEW_GROUPS} clusters in a class, where percentile intervals run narrow; see the note "
-                      "column, or use method='delong'.", FewClustersWarning, stacklevel=2)
+                      "column, or use method='score'.", FewClustersWarning, stacklevel=2)
     return pd.DataFrame(rows, columns=by + [score_name, "auc", "ci_low", "ci_high", "n_pos", "n_neg", "method",
                                             "n_boot", "note"])
 
@@ -1203,11 +1389,13 @@ def compare_table(
     same statistic (p < 1 - ci exactly when the CI excludes 0): "delong", DeLong's paired
     test (pROC's convention, normal reference), where each patient has one row or
     without ``group_col``; "delong_clustered", the same test with Obuchowski's (1997)
-    clustered covariance and a t reference with Satterthwaite df (``df``), where a patient
-    has several rows (in seeded simulations with ~9 positive patients it rejected 5.0% of
-    true nulls at 0.05; the patient-cluster bootstrap z-test it replaces rejected 8-10%);
-    "paired_swap", the exact (or ``n_permutations`` Monte Carlo, seeded per stratum)
-    paired-swap permutation p where the variance of the difference is 0, with no CI. A
+    clustered covariance and a t reference with Satterthwaite df capped at patients - 1
+    (``df``), where a patient has several rows (in seeded simulations with ~9 positive
+    patients it rejected 5.0% of true nulls at 0.05; the patient-cluster bootstrap z-test
+    it replaces rejected 8-10%); "paired_swap", the exact (or ``n_permutations`` Monte
+    Carlo, seeded per stratum) permutation p of swapping the two scores' ranks within
+    patients where the variance of the difference is 0 (p = 1 where the difference is 0
+    too), with no CI. A
     stratum that cannot be tested (every positive in one patient) keeps its AUCs with NaN
     statistics and the reason in ``note``. Print p with :func:`format_p`.
     n_boot, n_jobs: no longer used (the comparison no longer bootstraps); passing them warns.
@@ -1287,7 +1475,11 @@ def format_p(p, floor: float = 1e-16, digits: int = 2) -> str:
 
 @dataclass(frozen=True)
 class GapResult:
-    """Difference of two strata's AUCs against the same negatives, with a joint bootstrap CI."""
+    """Difference of two strata's AUCs against the same negatives, with a joint bootstrap CI.
+
+    method: "percentile" (rows resampled) or "cluster_percentile" (patients resampled);
+    n_groups: patients, where resampled; note: e.g. fewer patients than intervals need.
+    """
 
     gap: float  # auc_a - auc_b
     auc_a: float
@@ -1298,37 +1490,74 @@ class GapResult:
     n_b: int
     n_neg: int
     n_boot: int
+    method: str = "percentile"
+    n_groups: int | None = None
+    note: str = ""
 
 
 def bootstrap_auc_gap(y_true, score, stratum, a: str = "large", b: str = "small", *, n_boot: int = 2000,
-                      ci: float = 0.95, seed: int = 0) -> GapResult:
+                      ci: float = 0.95, seed: int | np.random.SeedSequence = 0, groups=None,
+                      min_groups: int = MIN_GROUPS, n_jobs: int | None = None) -> GapResult:
     """AUC of stratum ``a``'s positives minus stratum ``b``'s, both against all negatives.
 
-    One joint bootstrap: every replicate resamples the negatives once and each stratum's
-    positives separately, and computes both AUCs on that replicate, so the gap's
-    percentile CI carries the correlation through the shared negatives (two separately
-    seeded bootstraps would not). ``stratum`` labels each positive row (negatives' values
-    are ignored). Rows are treated as independent (one image per patient).
+    One joint bootstrap: every replicate draws the resampling units once and computes both
+    AUCs on that draw, so the gap's percentile CI carries the correlation through the
+    shared negatives (two separately seeded bootstraps would not). ``stratum`` labels each
+    positive row (negatives' values are ignored; positives in neither stratum are left
+    out). Without ``groups`` the units are rows, stratum-``a`` positives, stratum-``b``
+    positives and negatives each resampled to their own number. With ``groups`` (one
+    patient id per row) they are patients, resampled as in :func:`bootstrap_auc` (the same
+    replicate machinery, pairs between copies of one patient dropped), stratified into
+    patients with a stratum-``a`` positive, with only stratum-``b`` positives, and with
+    negatives only: images of one patient are not independent draws, and with 60 patients
+    x 3 images a row bootstrap's 95% interval missed a true gap of 0 in 22% of samples.
+    It needs ``min_groups`` patients in each of those three groups
+    (:class:`NotEstimable` otherwise) and warns below ``FEW_GROUPS``.
     """
     y = _labels(y_true)
     s = _as_score(score, y.shape[0], "score")
     st = np.asarray(stratum).astype(str)
     if st.shape[0] != y.shape[0]:
         raise ValueError(f"stratum has {st.shape[0]} rows, y_true {y.shape[0]}; give one stratum per row")
-    neg = s[~y]
-    pa, pb = s[y & (st == a)], s[y & (st == b)]
-    for name, arr in ((f"stratum {a!r}", pa), (f"stratum {b!r}", pb), ("negatives", neg)):
-        if arr.shape[0] < 2:
-            raise ValueError(f"{name} has {arr.shape[0]} rows; a gap needs at least 2 in each stratum and 2 negatives")
-    auc_a, auc_b = _auc_of(pa, np.sort(neg)), _auc_of(pb, np.sort(neg))
-    rng = np.random.default_rng(seed)
-    reps = np.empty(int(n_boot))
-    for r in range(reps.shape[0]):
-        ns = np.sort(neg[rng.integers(0, neg.shape[0], neg.shape[0])])
-        reps[r] = (_auc_of(pa[rng.integers(0, pa.shape[0], pa.shape[0])], ns)
-                   - _auc_of(pb[rng.integers(0, pb.shape[0], pb.shape[0])], ns))
-    lo, hi = _percentile_interval(reps, 1.0 - ci)
-    return GapResult(auc_a - auc_b, auc_a, auc_b, lo, hi, pa.shape[0], pb.shape[0], neg.shape[0], reps.shape[0])
+    in_a, in_b = y & (st == a), y & (st == b)
+    keep = ~y | in_a | in_b
+    for name, k in ((f"stratum {a!r}", int(in_a.sum())), (f"stratum {b!r}", int(in_b.sum())), ("negatives", int((~y).sum()))):
+        if k < 2:
+            raise ValueError(f"{name} has {k} rows; a gap needs at least 2 in each stratum and 2 negatives")
+    y, s, in_a, in_b = y[keep], s[keep], in_a[keep], in_b[keep]
+    neg_sorted = np.sort(s[~y])
+    auc_a, auc_b = _auc_of(s[in_a], neg_sorted), _auc_of(s[in_b], neg_sorted)
+    mask_a, mask_b = in_a[y].astype(np.float64), in_b[y].astype(np.float64)
+    note, method, n_groups = "", "percentile", None
+    if groups is None:
+        cl = _clusters(None, y)  # every row its own unit
+    else:
+        g = np.asarray(groups)
+        if g.shape[0] != keep.shape[0]:
+            raise ValueError(f"groups has {g.shape[0]} rows, y_true {keep.shape[0]}; give one patient id per row")
+        cl = _clusters(g[keep], y)
+        n_groups, method = cl.n, "cluster_percentile"
+    has_a = np.bincount(cl.codes[y], weights=mask_a, minlength=cl.n) > 0
+    has_b = np.bincount(cl.codes[y], weights=mask_b, minlength=cl.n) > 0
+    units = [np.flatnonzero(has_a), np.flatnonzero(has_b & ~has_a), np.flatnonzero(~cl.has_pos)]
+    if groups is not None:
+        counts = (f"{int(has_a.sum())} patients with a stratum-{a!r} positive, {int(has_b.sum())} with a "
+                  f"stratum-{b!r} one and {cl.n_neg} with a negative")
+        few = min(int(has_a.sum()), int(has_b.sum()), cl.n_neg)
+        if few < min_groups:
+            raise NotEstimable(f"{counts}; a patient-cluster bootstrap of the gap needs at least {min_groups} of "
+                               "each. Pool strata or report the two AUCs without a gap interval.")
+        if few < FEW_GROUPS:
+            note = f"{counts} (fewer than {FEW_GROUPS})"
+            warnings.warn(f"{note}: percentile intervals from this few patients run narrow.", FewClustersWarning,
+                          stacklevel=2)
+    pos = s[y]
+    rankers = [_Ranker(pos, s[~y]), _Ranker(pos, s[~y])]
+    plan = _cluster_plan(cl, y, [s, s], units, masks=[mask_a, mask_b])
+    reps = _run_bootstrap(rankers, int(y.sum()), int((~y).sum()), int(n_boot), seed, n_jobs, plan)
+    lo, hi = _percentile_interval(reps[:, 0] - reps[:, 1], 1.0 - ci)
+    return GapResult(auc_a - auc_b, auc_a, auc_b, lo, hi, int(in_a.sum()), int(in_b.sum()), int((~y).sum()),
+                     reps.shape[0], method, n_groups, note)
 
 
 def _proportion_ci(w: np.ndarray, codes: np.ndarray | None, level: float) -> tuple[float, float, str, str]:

@@ -17,7 +17,8 @@ from cxrcore.boxes import jitter_frame, still_overlapping
 from cxrcore.geometry import make_geometry
 from cxrcore.pooling import roi_local
 from cxrcore.probes import grouped_folds, out_of_fold_scores
-from cxrcore.stats import auc, bootstrap_auc, bootstrap_auc_gap, compare_table, delong, delong_paired, fdr_bh
+from cxrcore.stats import (NotEstimable, auc, bootstrap_auc, bootstrap_auc_gap, compare_table, delong, delong_paired,
+                           fdr_bh)
 
 CLASSES = ["Nodule", "Mass"]
 
@@ -107,6 +108,37 @@ def test_image_strata_clusters_repeated_patients():
     assert (row.p_value, row.ci_low) == pytest.approx((ref.p_value, ref.ci[0]))
 
 
+@pytest.mark.filterwarnings("ignore::cxrcore.stats.FewClustersWarning")
+def test_image_strata_gap_resamples_patients_and_every_table_names_its_procedure():
+    # before: the gap CI resampled images as if independent (bootstrap_auc_gap had no groups),
+    # and the strata table had no method or note column
+    md, boxes, emb = _cohort(seed=1, n=60)
+    md["patient_id"] = [f"p{i // 3}" for i in range(len(md))]  # three images per patient
+    new = analysis.image_strata(md, boxes, emb, CLASSES, n_splits=3, seed=0, n_boot=200)
+    for table, cols in ((new.aucs, ["ci_method", "note"]), (new.strata, ["ci_method", "gap_method", "note"]),
+                        (new.tests, ["method", "note"])):
+        assert set(cols) <= set(table.columns)
+    assert set(new.strata.ci_method) <= {"percentile", "score", ""} and set(new.tests.method) == {"delong_clustered"}
+    y, g = md["Mass"].to_numpy(), md["patient_id"].to_numpy()
+    s = new.scores["enc_a", "Mass", "cls"]
+    ist = boxes[boxes["class"] == "Mass"].groupby("image_id")["stratum"].agg(
+        lambda t: "large" if (t == "large").any() else "small")
+    st = md["image_id"].map(ist).fillna("none").to_numpy()
+    row = new.strata[(new.strata.encoder == "enc_a") & (new.strata["class"] == "Mass") & (new.strata.pooling == "cls")]
+    try:
+        ref = bootstrap_auc_gap(y, s, st, "large", "small", n_boot=200, seed=0, groups=g)
+        assert (row.gap_method == "cluster_percentile").all()
+        assert row[["gap", "gap_low", "gap_high"]].iloc[0].tolist() == pytest.approx([ref.gap, ref.ci_low, ref.ci_high])
+        rows_only = bootstrap_auc_gap(y, s, st, "large", "small", n_boot=200, seed=0)
+        assert (rows_only.ci_low, rows_only.ci_high) != pytest.approx((ref.ci_low, ref.ci_high))
+    except NotEstimable:
+        assert row.gap_low.isna().all() and row.note.str.contains("gap CI not estimable").all()
+    # one image per patient: rows are the units, and the method says so
+    md1, boxes1, emb1 = _cohort(seed=1)
+    assert set(analysis.image_strata(md1, boxes1, emb1, CLASSES, n_splits=3, seed=0, n_boot=50).strata.gap_method) \
+        <= {"percentile", ""}
+
+
 def _boxes(seed=0, n_images=30, d=5):
     rng = np.random.default_rng(seed)
     rows = []
@@ -136,7 +168,7 @@ def _old_box_loop(roi_rows, emb, n_splits, seed, n_boot):
             k = min(n_splits, sub["image_id"].nunique())
             s = out_of_fold_scores(emb[key][sel], y, groups, folds=grouped_folds(y, groups, n_splits=k, seed=seed))
             b = bootstrap_auc(y, s, n_boot=n_boot, seed=seed, groups=groups)
-            dl = delong(y, s, groups=groups)
+            dl = delong(y, s, groups=groups, method="wald")
             z = (dl.auc - 0.5) / dl.se if dl.se > 0 else np.copysign(np.inf, dl.auc - 0.5)
             row = {"encoder": key, "class": c, "pooling": "roi_local", "auc": b.auc, "ci_low": b.ci_low, "ci_high": b.ci_high,
                    "delong_low": dl.ci[0], "delong_high": dl.ci[1], "z_vs_chance": z, "p_value": float(2 * norm.sf(abs(z))),
@@ -149,18 +181,62 @@ def _old_box_loop(roi_rows, emb, n_splits, seed, n_boot):
 
 
 @pytest.mark.filterwarnings("ignore::cxrcore.stats.FewClustersWarning")
-def test_box_level_gives_the_old_notebook_table_but_the_p_of_its_own_procedure():
+def test_box_level_gives_the_old_notebook_table_but_the_ci_and_p_of_its_own_procedure():
     roi, emb = _boxes()
     old = _old_box_loop(roi, emb, n_splits=3, seed=1, n_boot=80)
     new = analysis.box_level(roi, emb, CLASSES, n_splits=3, seed=1, n_boot=80)
-    same = [c for c in old.columns if c != "p_value"]
+    same = [c for c in old.columns if c not in ("p_value", "z_vs_chance", "delong_low", "delong_high")]
     pd.testing.assert_frame_equal(new.table[same], old[same])
-    # the old p referred the clustered z to the normal; the interval beside it used the t reference
+    # the interval and test are delong's default (the clustered score interval), one statistic
+    for r in new.table.itertuples():
+        sel = (roi["class"] == r[2]).to_numpy()
+        ref = delong((roi.kind[sel] == "lesion").astype(int), new.scores[r.encoder, r[2]], groups=roi.image_id[sel])
+        assert (r.score_low, r.score_high, r.z_vs_chance, r.df) == pytest.approx((*ref.ci, ref.z, ref.df))
+    assert (new.table.score_method == "score_clustered").all() and (new.table.n_excluded == 0).all()
     np.testing.assert_allclose(new.table.p_value, 2 * t_dist.sf(np.abs(new.table.z_vs_chance), new.table.df), rtol=1e-10)
     np.testing.assert_allclose(new.table.p_bh, fdr_bh(new.table.p_value))
-    excludes = (new.table.delong_low > 0.5) | (new.table.delong_high < 0.5)
+    excludes = (new.table.score_low > 0.5) | (new.table.score_high < 0.5)
     assert ((new.table.p_value < 0.05) == excludes).all()
-    assert not new.skipped
+    assert not new.skipped and new.exclusions.empty
+
+
+@pytest.mark.filterwarnings("ignore::cxrcore.stats.FewClustersWarning")
+def test_box_level_leaves_out_a_cropped_away_box_with_its_pair_and_counts_it():
+    # before: one NaN roi_local row (a box the centre crop cut away) aborted the whole table
+    roi, emb = _boxes(seed=3)
+    roi = roi.assign(pair=np.arange(len(roi)) // 2)  # _boxes writes each lesion just before its control
+    bad = int(np.flatnonzero((roi["class"] == "Nodule").to_numpy())[0])  # a Nodule lesion box
+    assert roi.kind[bad] == "lesion" and roi.pair[bad] == roi.pair[bad + 1]
+    reason = "box cropped away: less than 50% of it inside the model input"
+    roi["roi_excluded"] = ""
+    roi.loc[bad, "roi_excluded"] = reason
+    emb_nan = {k: v.copy() for k, v in emb.items()}
+    for v in emb_nan.values():
+        v[bad] = np.nan
+    new = analysis.box_level(roi, emb_nan, CLASSES, n_splits=3, seed=1, n_boot=80)
+    # the same table as without that pair, plus the count and its reasons
+    kept = roi.drop(index=[bad, bad + 1])
+    ref = analysis.box_level(kept.reset_index(drop=True), {k: np.delete(v, [bad, bad + 1], axis=0) for k, v in emb.items()},
+                             CLASSES, n_splits=3, seed=1, n_boot=80)
+    cols = ["auc", "ci_low", "ci_high", "score_low", "score_high", "p_value", "n_boxes", "n_images"]
+    pd.testing.assert_frame_equal(new.table[cols], ref.table[cols])
+    nod = new.table["class"] == "Nodule"
+    assert (new.table.n_excluded[nod] == 2).all() and (new.table.n_excluded[~nod] == 0).all()
+    assert new.table.note[nod].str.contains("2 boxes excluded").all()
+    ex = new.exclusions
+    assert list(ex.columns) == ["encoder", "class", "reason", "count", "item"]
+    assert sorted(ex.reason.unique()) == sorted([reason, "pair left out with it: its other box was excluded"])
+    assert (ex["count"] == 1).all() and len(ex) == 2 * len(emb) and set(ex["class"]) == {"Nodule"}
+    # an Encoding's own reasons win (each encoder crops differently), and the scores stay aligned
+    from cxrcore.encoders.base import Encoding
+
+    e = Encoding(cls=np.zeros((1, 2)), patch_mean=np.zeros((1, 2)), roi_local=emb_nan["enc_a"],
+                 roi_image=np.zeros(len(roi), int), geometry=[], roi_visible=np.ones(len(roi)),
+                 roi_excluded=np.where(np.arange(len(roi)) == bad, "cut by enc_a", "").astype(object))
+    one = analysis.box_level(roi.drop(columns="roi_excluded"), {"enc_a": e}, ["Nodule"], n_splits=3, seed=1, n_boot=40)
+    assert "cut by enc_a" in set(one.exclusions.reason)
+    s = one.scores["enc_a", "Nodule"]
+    assert len(s) == int((roi["class"] == "Nodule").sum()) and np.isnan(s[:2]).all() and np.isfinite(s[2:]).all()
 
 
 def test_box_level_keeps_a_class_with_too_few_images_and_says_why():
@@ -174,7 +250,7 @@ def test_box_level_keeps_a_class_with_too_few_images_and_says_why():
     row = new.table.iloc[0]
     assert np.isnan(row.ci_low) and "bootstrap CI not estimable: 4 clusters" in row.note
     assert row.auc == pytest.approx(auc((roi.kind == "lesion").astype(int), new.scores["enc_a", "Nodule"]))
-    assert np.isfinite(row.delong_low) and np.isfinite(row.p_value)
+    assert np.isfinite(row.score_low) and np.isfinite(row.p_value)
 
 
 def _jitter_inputs(seed=0, n_images=24, side=64, grid=8, d=6):
@@ -271,3 +347,42 @@ def test_jitter_probes_give_the_old_notebook_tables():
     # the unjittered setting reads the lesion cells: its AUC is high, and jitter does not raise it
     base = new.table[(new.table.sigma_px == 0) & (new.table.scale_sigma == 0.0)]
     assert (base.auc > 0.8).all()
+
+
+@pytest.mark.filterwarnings("ignore::cxrcore.stats.FewClustersWarning")
+def test_jitter_probes_leave_out_a_cropped_away_pair_and_count_it():
+    # before: a lesion box in the margin a centre crop cuts away made roi_local NaN, and the
+    # probe raised "X has NaN or infinite values" for the whole analysis (reviewer's c6)
+    from cxrcore.pooling import exclusion_reason
+
+    rng = np.random.default_rng(0)
+    h, w, side, stride, d = 64, 96, 64, 8, 6
+    ids = [f"img{i:03d}" for i in range(24)]
+    geoms = [make_geometry((h, w), side, stride, "center_crop") for _ in ids]
+    rows = []
+    for i, image_id in enumerate(ids):
+        x1 = 2.0 if i == 0 else float(rng.integers(20, w - 32))  # image 0's lesion: wholly in the cropped margin
+        y1, cx1, cy1 = float(rng.integers(0, h - 12)), float(rng.integers(20, w - 32)), float(rng.integers(0, h - 12))
+        rows.append(dict(image_id=image_id, stratum="small" if i % 2 else "large", x1=x1, y1=y1, x2=x1 + 12,
+                         y2=y1 + 12, cx1=cx1, cy1=cy1, cx2=cx1 + 12, cy2=cy1 + 12))
+    pairs = pd.DataFrame(rows)
+    grid = rng.normal(size=(len(ids), side // stride, side // stride, d)).astype(np.float32)
+    for r in pairs.itertuples():  # lesion cells carry a signal (crop offset 16 px)
+        i = ids.index(r.image_id)
+        c0, c1 = max(0, int(r.x1 - 16) // stride), max(0, int(np.ceil((r.x2 - 16) / stride)))
+        grid[i, int(r.y1) // stride:int(np.ceil(r.y2 / stride)), c0:c1, 0] += 2.0
+    assert geoms[0].visible_fraction([tuple(pairs.loc[0, ["x1", "y1", "x2", "y2"]])])[0] == 0.0
+    j = analysis.jitter_probes(pairs, {"enc": (grid, geoms)}, ids, lambda i: (h, w), sigmas_px=[0, 2],
+                               scale_sigmas=[0.0], n_splits=3, seed=0, n_boot=50)
+    base = j.table[j.table.sigma_px == 0].iloc[0]
+    assert base.n_excluded == 2 and "2 boxes excluded" in base.note and np.isfinite(base.auc)
+    s0 = j.scores["enc", 0, 0.0]
+    assert np.isnan(s0[[0, len(pairs)]]).all() and np.isfinite(np.delete(s0, [0, len(pairs)])).all()
+    ex = j.exclusions[j.exclusions.sigma_px == 0]
+    assert dict(zip(ex.reason, ex["count"])) == {exclusion_reason(): 1,
+                                                 "pair left out with it: its other box was excluded": 1}
+    assert list(j.exclusions.columns) == ["encoder", "sigma_px", "scale_sigma", "reason", "count", "item"]
+    # the comparison with no jitter uses the pairs pooled in both settings
+    t = j.tests.iloc[0]
+    n_both = int(np.isfinite(s0[: len(pairs)] + j.scores["enc", 2, 0.0][: len(pairs)]).sum())
+    assert (t.n_pos, t.method) == (n_both, "delong_clustered") and np.isfinite(t.p_value)

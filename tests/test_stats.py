@@ -150,7 +150,7 @@ def test_proc_documented_example_rounded():
     r = stats.delong_paired(ASAH_POOR, ASAH_S100B, ASAH_WFNS)
     assert round(r.z, 3) == -2.209 and round(r.p_value, 5) == 0.02718
     assert (round(r.auc_a, 4), round(r.auc_b, 4)) == (0.7314, 0.8237)
-    ci = stats.delong(ASAH_POOR, ASAH_S100B).ci
+    ci = stats.delong(ASAH_POOR, ASAH_S100B, method="wald").ci  # pROC's ci.auc
     assert (round(ci[0], 4), round(ci[1], 4)) == (0.6301, 0.8326)
 
 
@@ -224,28 +224,38 @@ def test_delong_paired_matches_pairwise_reference(kind):
     assert r.auc_a == pytest.approx(auc_a, abs=1e-12)
     assert r.auc_b == pytest.approx(auc_b, abs=1e-12)
     np.testing.assert_allclose(r.cov, cov, rtol=1e-9, atol=1e-17)
-    assert r.z == pytest.approx(z, rel=1e-9, abs=1e-12)
+    if kind == "identical":  # variance of the difference 0: the paired-swap p, no z
+        assert _is_trivial_swap(r) and p == 1.0
+    else:
+        assert r.z == pytest.approx(z, rel=1e-9, abs=1e-12)
     assert r.p_value == pytest.approx(p, rel=1e-9, abs=1e-300)
 
 
-def test_identical_predictors_give_z0_p1():
+def _is_trivial_swap(r):
+    """Variance of the difference 0 and difference 0: the paired-swap p, 1, named as such (no Wald z)."""
+    return (r.method == "paired_swap" and math.isnan(r.z) and (r.p_value, r.log10_p) == (1.0, 0.0)
+            and all(math.isnan(c) for c in r.ci) and "p is 1" in r.note)
+
+
+def test_identical_predictors_give_p1_from_the_paired_swap():
+    # before: labelled "delong" with z = 0, though no DeLong statistic exists with variance 0
     y, a, _ = make_data("continuous")
-    r = stats.delong_paired(y, a, a.copy())
-    assert (r.z, r.p_value, r.log10_p) == (0.0, 1.0, 0.0)
+    assert _is_trivial_swap(stats.delong_paired(y, a, a.copy()))
     # a monotone transform ranks identically: still the same ROC curve
-    r = stats.delong_paired(y, a, np.exp(a))
-    assert (r.z, r.p_value) == (0.0, 1.0)
+    assert _is_trivial_swap(stats.delong_paired(y, a, np.exp(a)))
 
 
-def test_both_perfect_gives_z0_p1():
+def test_both_perfect_gives_p1_and_a_score_interval_that_does_not_collapse():
     y, a, _ = make_data("perfect")
     r = stats.delong_paired(y, a, a * 2 + 1)
-    assert r.auc_a == r.auc_b == 1.0 and (r.z, r.p_value) == (0.0, 1.0)
+    assert r.auc_a == r.auc_b == 1.0 and _is_trivial_swap(r)
     d = stats.delong(y, a)
-    # variance 0, but the interval does not collapse: exact bound on min(m, n) disjoint pairs
-    k = min(d.n_pos, d.n_neg)
-    assert d.variance == 0.0 and d.method == "exact_pairs"
-    assert d.ci == pytest.approx((0.025 ** (1 / k), 1.0), rel=1e-12) and d.ci[0] < 1.0
+    m, n = d.n_pos, d.n_neg
+    assert d.variance == 0.0 and d.method == "score" and d.ci[1] == 1.0 and d.ci[0] < 1.0
+    # the lower limit solves 1 - x = z sqrt(V(x)), V Newcombe's (2006) method-5 variance
+    x, k = d.ci[0], (m + n) / 2 - 1
+    v = x * (1 - x) * (2 + k + (1 + 2 * k) * x * (1 - x)) / ((2 - x) * (1 + x) * m * n)
+    assert 1 - x == pytest.approx(norm.ppf(0.975) * math.sqrt(v), rel=1e-12)
 
 
 def test_extreme_z_does_not_underflow():
@@ -312,6 +322,8 @@ def test_property_matches_reference(data):
     np.testing.assert_allclose(r.cov, cov, rtol=1e-9, atol=1e-14)
     if math.isinf(z):  # variance 0, difference not: no Wald z; an exact paired-swap p instead
         assert math.isnan(r.z) and r.method == "paired_swap" and 0.0 < r.p_value <= 1.0
+    elif r.method == "paired_swap":  # variance 0 and difference 0 (R's 0/0 -> z = 0): p = 1, named as such
+        assert z == 0.0 and r.delta == 0.0 and _is_trivial_swap(r)
     else:
         assert r.z == pytest.approx(z, rel=1e-7, abs=1e-7)
     assert 0.0 <= r.p_value <= 1.0
@@ -334,25 +346,55 @@ def test_property_auc_symmetry_and_invariance(data):
     assert stats.auc(y, 3.0 * a + 7.0) == v  # strictly increasing maps keep the ranks
 
 
-def test_nonzero_difference_with_zero_variance_gets_the_exact_paired_swap_p():
-    # a separates perfectly (AUC 1), b is constant (AUC 0.5): both variances are 0. The old
-    # code returned z = inf, p = 0. Swapping a and b within rows: 16 of the 64 patterns reach
-    # |difference| >= 0.5, so the exact two-sided p is 0.25.
-    y = np.array([0, 0, 0, 1, 1, 1])
-    r = stats.delong_paired(y, [0, 1, 2, 3, 4, 5], np.zeros(6))
-    assert r.method == "paired_swap" and r.p_value == pytest.approx(0.25, abs=1e-15)
-    assert r.log10_p == pytest.approx(math.log10(0.25)) and math.isnan(r.z)
-    assert all(math.isnan(c) for c in r.ci) and "64 swap patterns" in r.note
-    # the same by brute force, independently
+def _brute_rank_swap_p(y, a, b):
+    """Exact paired-swap p over all 2^n patterns of the two scores' normalised midranks (sklearn AUCs)."""
     import itertools
 
-    a, b = np.arange(6.0), np.zeros(6)
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a) / len(a), rankdata(b) / len(b)
+    d0 = abs(roc_auc_score(y, ra) - roc_auc_score(y, rb))
     hits = 0
-    for swap in itertools.product([False, True], repeat=6):
+    for swap in itertools.product([False, True], repeat=len(y)):
         sw = np.array(swap)
-        a2, b2 = np.where(sw, b, a), np.where(sw, a, b)
-        hits += abs(roc_auc_score(y, a2) - roc_auc_score(y, b2)) >= 0.5
-    assert hits / 64 == 0.25
+        hits += abs(roc_auc_score(y, np.where(sw, rb, ra)) - roc_auc_score(y, np.where(sw, ra, rb))) >= d0 - 1e-12
+    return hits / 2 ** len(y)
+
+
+def test_nonzero_difference_with_zero_variance_gets_the_exact_paired_swap_p():
+    # a separates perfectly (AUC 1), b is constant (AUC 0.5): both variances are 0. The old
+    # code returned z = inf, p = 0. Swapping the two scores' ranks within rows: only the
+    # observed and the fully swapped pattern reach |difference| 0.5, so p = 2/64.
+    y = np.array([0, 0, 0, 1, 1, 1])
+    r = stats.delong_paired(y, [0, 1, 2, 3, 4, 5], np.zeros(6))
+    assert r.method == "paired_swap" and r.p_value == pytest.approx(2 / 64, abs=1e-15)
+    assert r.log10_p == pytest.approx(math.log10(2 / 64)) and math.isnan(r.z)
+    assert all(math.isnan(c) for c in r.ci) and "64 swap patterns" in r.note
+    assert _brute_rank_swap_p(y, np.arange(6.0), np.zeros(6)) == 2 / 64
+
+
+def test_paired_swap_p_does_not_depend_on_the_scores_scales():
+    # before: swapping raw scores gave 0.25 for b = 0, 0.031 for b = 2.5 and 0.34 for b = 100
+    # (and the same spread for exp(a) or a - 2.5), though the AUCs are the same throughout
+    y = np.array([0, 0, 0, 1, 1, 1])
+    a = np.arange(6.0)
+    ps = set()
+    for aa in (a, 10 * a, a - 2.5, np.exp(a)):
+        for c in (0.0, 2.5, 5.0, 100.0, -100.0):
+            r = stats.delong_paired(y, aa, np.full(6, c))
+            assert r.method == "paired_swap"
+            ps.add(r.p_value)
+    assert ps == {2 / 64}
+    # a perfect score against a reversed one (AUC 1 vs 0, both variances 0) on 4 + 4 rows:
+    # the p is brute force's over the 256 rank-swap patterns and survives monotone maps
+    rng = np.random.default_rng(4)
+    y = np.array([0, 1, 0, 1, 0, 1, 1, 0])
+    a = np.where(y == 1, 10.0, 0.0) + rng.random(8)
+    b = np.where(y == 1, 0.0, 10.0) + rng.random(8)
+    r = stats.delong_paired(y, a, b)
+    assert r.method == "paired_swap" and (r.auc_a, r.auc_b) == (1.0, 0.0)
+    assert r.p_value == pytest.approx(_brute_rank_swap_p(y, a, b), abs=1e-12) and r.p_value < 0.1
+    assert stats.delong_paired(y, np.exp(a), 3 * b - 7).p_value == r.p_value
 
 
 # -- bootstrap -------------------------------------------------------------------------------
@@ -421,14 +463,27 @@ def test_bootstrap_spread_agrees_with_delong_se():
 
 def test_bootstrap_perfect_separation_and_identical_scores():
     y, a, _ = make_data("perfect")
-    k = min(int(y.sum()), int((y == 0).sum()))
+    score = stats.delong(y, a)
     for method in ("percentile", "bca"):
         r = stats.bootstrap_auc(y, a, a + 1.0, n_boot=200, method=method)
-        # every replicate is 1, so the percentile interval would be [1, 1]: the exact bound instead
-        assert r.method == "exact_pairs" and "exact" in r.note
-        assert (r.ci_low, r.ci_high) == pytest.approx((0.025 ** (1 / k), 1.0), rel=1e-12)
-        assert (r.ci_low_b, r.ci_high_b) == pytest.approx((r.ci_low, r.ci_high))
-        assert (r.diff_ci_low, r.diff_ci_high) == (0.0, 0.0)  # identical rankings: the difference is 0 exactly
+        # every replicate is 1, so the percentile interval would be [1, 1]: delong's score interval instead
+        assert (r.method, r.method_b) == ("score", "score") and "score interval" in r.note
+        assert (r.ci_low, r.ci_high) == score.ci and (r.ci_low_b, r.ci_high_b) == score.ci and r.ci_low < 1.0
+        # identical rankings: every replicate difference is 0, and there is no interval (as in
+        # delong_paired), not the zero-width (0, 0) it used to be
+        assert r.diff_method == "none" and math.isnan(r.diff_ci_low) and math.isnan(r.diff_ci_high)
+        assert _is_trivial_swap(stats.delong_paired(y, a, a + 1.0))
+
+
+def test_bootstrap_names_each_scores_interval():
+    # before: method "percentile" although score b's interval was the boundary one
+    y, a, b = make_data("perfect")
+    r = stats.bootstrap_auc(y, b, a, n_boot=200)
+    assert (r.method, r.method_b, r.diff_method) == ("percentile", "score", "percentile")
+    assert (r.ci_low_b, r.ci_high_b) == stats.delong(y, a).ci and r.diff_ci_low < r.diff_ci_high
+    # every pair tied: every replicate is 0.5, so its interval is the score one too, never (0.5, 0.5)
+    c = stats.bootstrap_auc(y, np.full(y.size, 0.3), n_boot=100)
+    assert c.method == "score" and c.ci == stats.delong(y, np.full(y.size, 0.3)).ci and c.ci_low < 0.5 < c.ci_high
 
 
 @pytest.mark.parametrize("method", ["percentile", "bca"])
@@ -816,6 +871,68 @@ def test_stratum_gap_matches_the_two_aucs_and_its_joint_bootstrap_covers_the_nul
         stats.bootstrap_auc_gap(y, s, np.r_[["none"] * 80, ["small"] * 20])
 
 
+def _gap_patients(rng, n_pat=60, k=3, u_sd=1.5):
+    """60 patients x 3 images, 40% positive patients, each a 'small' or 'large' one; equal strata (gap 0)."""
+    g = np.repeat(np.arange(n_pat), k)
+    pos = rng.random(n_pat) < 0.4
+    st_p = np.where(rng.random(n_pat) < 0.5, "small", "large")
+    y = pos[g].astype(int)
+    st = np.where(y == 1, st_p[g], "none")
+    return y, 1.0 * y + u_sd * rng.normal(size=n_pat)[g] + rng.normal(size=g.size), st, g
+
+
+@pytest.mark.filterwarnings("ignore::cxrcore.stats.FewClustersWarning")
+def test_stratum_gap_replicates_are_joint_patient_resamples():
+    # replicate 0 by hand: the same stratified draw of patients (with a large positive, with
+    # small positives only, negative only), both AUCs on it, pairs between copies of one
+    # patient dropped; this is bootstrap_auc's cluster machinery, given masks per stratum
+    rng = np.random.default_rng(8)
+    y, s, st, g = _gap_patients(rng)
+    r = stats.bootstrap_auc_gap(y, s, st, n_boot=1, seed=4, groups=g)
+    assert r.method == "cluster_percentile" and r.n_groups == 60
+    draw = np.random.default_rng(np.random.SeedSequence(4).spawn(1)[0])
+    pats = np.arange(60)
+    has_l = np.array([((g == p) & (st == "large")).any() for p in pats])
+    has_s = np.array([((g == p) & (st == "small")).any() for p in pats])
+    neg = np.array([((g == p) & (y == 0)).any() for p in pats])
+    counts = np.zeros(60)
+    for members in (pats[has_l], pats[has_s & ~has_l], pats[~(has_l | has_s)]):
+        counts += np.bincount(members[draw.integers(0, members.size, members.size)], minlength=60)
+
+    def auc_rep(stratum):
+        wins = total = 0.0
+        for i in np.flatnonzero(st == stratum):
+            for j in np.flatnonzero(y == 0):
+                c = counts[g[i]] * counts[g[j]] - (counts[g[i]] * counts[g[i]] - counts[g[i]]) * (g[i] == g[j])
+                wins += c * ((s[i] > s[j]) + 0.5 * (s[i] == s[j]))
+                total += c
+        return wins / total
+
+    assert neg.sum() > 0
+    assert r.ci_low == pytest.approx(auc_rep("large") - auc_rep("small"), rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::cxrcore.stats.FewClustersWarning")
+def test_stratum_gap_interval_resamples_patients_and_covers_the_null():
+    # 60 patients x 3 images with a patient effect: resampling rows as if independent, the 95%
+    # interval missed a true gap of 0 in 22% of samples (reviewer's c5_gap.py, 400 samples)
+    rng = np.random.default_rng(11)
+    miss_rows = miss_pat = 0
+    sims = 80
+    for t in range(sims):
+        y, s, st, g = _gap_patients(rng)
+        rows = stats.bootstrap_auc_gap(y, s, st, n_boot=200, seed=t)
+        pat = stats.bootstrap_auc_gap(y, s, st, n_boot=200, seed=t, groups=g)
+        assert (rows.gap, rows.method, pat.method) == (pat.gap, "percentile", "cluster_percentile")
+        miss_rows += not rows.ci_low <= 0 <= rows.ci_high
+        miss_pat += not pat.ci_low <= 0 <= pat.ci_high
+    assert miss_rows / sims > 0.12 and miss_pat / sims <= 0.10
+    # too few patients in a stratum: not estimable, saying how many
+    y, s, st, g = _gap_patients(np.random.default_rng(0), n_pat=12)
+    with pytest.raises(stats.NotEstimable, match="patients with a stratum-'large' positive"):
+        stats.bootstrap_auc_gap(y, s, st, groups=g, n_boot=20)
+
+
 def test_within_pair_auc_counts_pairs_not_images():
     import pandas as pd
 
@@ -923,15 +1040,16 @@ def test_clustered_delong_matches_imrmc_doAUCcluster_on_a_worked_example():
     assert two.z == pytest.approx((ref["auc_1"] - ref["auc_2"]) / ref["var_AminusB"] ** 0.5, rel=1e-12)
     assert 2 * norm.sf(abs(two.z)) == pytest.approx(ref["p_normal"], rel=1e-9)
     assert two.p_value == pytest.approx(2 * t_dist.sf(abs(two.z), two.df), rel=1e-12)
-    assert 4 <= two.df <= 5 + 6 - 2
+    assert 4 <= two.df <= ref["I"] - 1  # Satterthwaite, capped at I - 1
     # with the normal reference, every number of doAUCcluster
     same = stats.delong_paired(w["y"], w["p1"], w["p2"], groups=w["cluster"], reference="normal")
     assert same.p_value == pytest.approx(ref["p_normal"], rel=1e-9) and math.isinf(same.df)
-    one_n = stats.delong(w["y"], w["p1"], groups=w["cluster"], reference="normal")
+    one_n = stats.delong(w["y"], w["p1"], groups=w["cluster"], reference="normal", method="wald")
     half = norm.ppf(0.975) * ref["var_1"] ** 0.5
     # (doAUCcluster does not clip at 1; we clip as pROC does)
     assert one_n.ci == pytest.approx((ref["auc_1"] - half, min(1.0, ref["auc_1"] + half)), rel=1e-12)
-    assert one.ci[1] - one.ci[0] > one_n.ci[1] - one_n.ci[0]  # the t reference is wider
+    one_t = stats.delong(w["y"], w["p1"], groups=w["cluster"], method="wald")
+    assert one_t.ci[1] - one_t.ci[0] > one_n.ci[1] - one_n.ci[0]  # the t reference is wider
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -1063,46 +1181,193 @@ def test_cluster_bootstrap_requires_patients_per_class_and_warns_below_twenty():
 
 
 # -- item 9: zero variance -----------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["wald", "logit"])
+def test_score_interval_matches_newcombe_method_5_references():
+    # SingleCaseES (R) NAP with its Newcombe (2006) method-5 interval, baseline A = negatives,
+    # treatment B = positives, as quoted in the tests of an independent port (JS, 1e-9)
+    a = [20, 20, 26, 25, 22, 23]
+    b = [28, 25, 24, 27, 30, 30, 29]
+    y, s = np.r_[np.zeros(6, int), np.ones(7, int)], np.r_[a, b].astype(float)
+    r95, r90 = stats.delong(y, s), stats.delong(y, s, level=0.90)
+    assert r95.auc == pytest.approx(0.9166666666666666, rel=1e-15) and r95.method == "score"
+    assert r95.ci == pytest.approx((0.5973193600384168, 0.9859976893703788), abs=1e-9)
+    assert r90.ci == pytest.approx((0.6591091902344411, 0.9822247870934007), abs=1e-9)
+    # at AUC 0.5 the score test is the Wilcoxon-Mann-Whitney normal test: variance (m+n+1)/(12 m n)
+    rng = np.random.default_rng(0)
+    yy, ss = np.r_[np.zeros(9, int), np.ones(14, int)], rng.normal(size=23)
+    w = stats.delong(yy, ss)
+    z = (w.auc - 0.5) / math.sqrt((9 + 14 + 1) / (12 * 9 * 14))
+    assert w.z == pytest.approx(z, rel=1e-12) and w.p_value == pytest.approx(2 * norm.sf(abs(z)), rel=1e-12)
+    from scipy.stats import mannwhitneyu
+
+    assert w.p_value == pytest.approx(mannwhitneyu(ss[yy == 1], ss[yy == 0], use_continuity=False,
+                                                   method="asymptotic").pvalue, rel=1e-10)
+    # p < 1 - level exactly when the interval excludes the null, for any null
+    for null in (0.3, 0.5, 0.7, 0.9):
+        r = stats.delong(y, s, null=null)
+        assert (r.p_value < 0.05) == (not r.ci[0] <= null <= r.ci[1])
+
+
+@pytest.mark.parametrize("method", ["score", "wald", "logit"])
 def test_perfect_separation_interval_does_not_collapse(method):
     y = np.array([0, 0, 0, 1, 1, 1])
     r = stats.delong(y, [0, 1, 2, 3, 4, 5], method=method)
-    # exact: 3 disjoint pairs all concordant happen with chance <= AUC^3, so the lower
-    # limit is 0.025^(1/3); p against 0.5 is 2 * 0.5^3
-    assert r.method == "exact_pairs" and r.ci == pytest.approx((0.025 ** (1 / 3), 1.0), rel=1e-12)
-    assert r.p_value == pytest.approx(0.25, rel=1e-12) and math.isnan(r.z)
+    # variance 0: Wald and logit have no interval there and say so; the score interval is
+    # defined at AUC 1 (lower limit where 1 - x = 1.96 sqrt(V(x)))
+    assert r.method == "score" and r.ci[1] == 1.0 and 0.4 < r.ci[0] < 0.6 and 0.0 < r.p_value < 0.1
+    assert ("no " + method + " interval") in r.note if method != "score" else r.note == ""
     lo, hi = stats.delong([1, 1, 1, 0, 0, 0], [0, 1, 2, 3, 4, 5], method=method).ci  # AUC 0 mirrors it
-    assert (lo, hi) == pytest.approx((0.0, 1 - 0.025 ** (1 / 3)), rel=1e-12)
-    # Clopper-Pearson from scipy's binomtest on k successes of k
-    from scipy.stats import binomtest
-
-    assert r.ci[0] == pytest.approx(binomtest(3, 3).proportion_ci(0.95, method="exact").low, rel=1e-10)
+    assert (lo, hi) == pytest.approx((0.0, 1 - r.ci[0]), rel=1e-12)
 
 
-def test_exact_interval_covers_a_true_auc_near_one():
+def _moved_down(m, n, steps):
+    """m + n rows separated perfectly, then the top negative moved above 0, 1, ... positives, one at a time."""
+    y = np.r_[np.ones(m, int), np.zeros(n, int)]
+    s = np.r_[np.arange(m) + 1000.0, np.arange(n, dtype=float)]
+    out = []
+    for k in range(steps):
+        t = s.copy()
+        t[m + n - 1] = 1000.0 + k - 0.5 if k else t[m + n - 1]
+        out.append(t)
+    return y, out
+
+
+@pytest.mark.parametrize("m, n", [(3, 3), (6, 4), (20, 20), (40, 15), (100, 100)])
+def test_less_perfect_data_never_get_a_tighter_interval_or_a_smaller_p(m, n):
+    # before: perfect separation of 20 + 20 gave [0.8316, 1], p 1.9e-6, and one discordant
+    # pair more gave the Wald [0.9906, 1] with p = 0.0 exactly
+    y, series = _moved_down(m, n, min(m, 12))
+    rs = [stats.delong(y, s) for s in series]
+    aucs = [r.auc for r in rs]
+    assert aucs[0] == 1.0 and all(np.diff(aucs) < 0)
+    widths = [r.ci[1] - r.ci[0] for r in rs]
+    assert all(np.diff(widths) > 0) and all(np.diff([r.ci[0] for r in rs]) < 0)
+    assert all(np.diff([r.p_value for r in rs]) > 0)
+    # and on through the whole range to AUC 0.5: wider and less significant at every step
+    grid = [stats.delong(np.r_[np.ones(20, int), np.zeros(20, int)], np.r_[np.arange(20) + k, np.arange(20.0)])
+            for k in np.arange(19.5, -0.5, -1.0)]
+    assert all(np.diff([g.ci[1] - g.ci[0] for g in grid]) > 0) and all(np.diff([g.p_value for g in grid]) > 0)
+
+
+@pytest.mark.parametrize("design", ["box", "mixed", "multi"])
+def test_clustered_less_perfect_data_never_get_a_tighter_interval_or_a_smaller_p(design):
+    # every configuration of one, two or three discordant pairs: a design effect below 1
+    # estimated from them must not beat perfect separation on the same patients
+    rng = np.random.default_rng(0)
+    if design == "box":  # a lesion and its control in each of 20 images
+        y, g = np.tile([1, 0], 20), np.repeat(np.arange(20), 2)
+    elif design == "mixed":  # 10 patients with 2 positive and 3 negative images
+        y, g = np.tile([1, 1, 0, 0, 0], 10), np.repeat(np.arange(10), 5)
+    else:  # 20 patients of one class each, 1-4 images
+        g = np.repeat(np.arange(20), rng.integers(1, 5, 20))
+        y = (g < 10).astype(int)
+    base = np.where(y == 1, 100.0, 0.0) + rng.permutation(y.size)
+    perfect = stats.delong(y, base, groups=g)
+    assert perfect.auc == 1.0 and perfect.design_effect == 1.0 and perfect.df == len(np.unique(g)) - 1
+    negs = np.flatnonzero(y == 0)[np.argsort(base[y == 0])[::-1]]
+    for p in np.flatnonzero(y == 1):
+        for k in (1, 2, 3):
+            s = base.copy()
+            s[p] = (base[negs[k - 1]] + base[negs[k]]) / 2  # below the top k negatives
+            r = stats.delong(y, s, groups=g)
+            assert r.auc < 1.0
+            assert r.ci[1] - r.ci[0] >= perfect.ci[1] - perfect.ci[0] - 1e-12 and r.ci[0] <= perfect.ci[0]
+            assert r.p_value >= perfect.p_value * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("design", ["lesion_and_control", "two_and_two"])
+def test_satterthwaite_df_never_exceeds_patients_minus_one(design):
+    # patients holding both classes: Welch-Satterthwaite on I10 - 1 and I01 - 1 df alone gave a
+    # median 8.9 df with I = 6 patients (reviewer's c2/c15/c20); the variance is a sum over
+    # the same I patients' totals, so it has at most I - 1
+    rng = np.random.default_rng(1)
+    for i in (3, 6, 10):
+        if design == "lesion_and_control":
+            g, y = np.repeat(np.arange(i), 2), np.tile([1, 0], i)
+        else:
+            g, y = np.repeat(np.arange(i), 4), np.tile([1, 1, 0, 0], i)
+        dfs = []
+        for _ in range(30):
+            a = y + rng.normal(size=i)[g] + rng.normal(size=g.size)
+            b = y + rng.normal(size=i)[g] + rng.normal(size=g.size)
+            for r in (stats.delong(y, a, groups=g), stats.delong(y, a, groups=g, method="wald"),
+                      stats.delong_paired(y, a, b, groups=g)):
+                if r.method != "paired_swap":  # (variance 0: a permutation p, no t reference)
+                    assert 0 < r.df <= i - 1
+                    dfs.append(r.df)
+        assert np.median(dfs) == i - 1  # the cap binds in most samples: Welch alone exceeds it
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(labels_and_scores, st.integers(1, 4), st.sampled_from([0.5, 0.3, 0.8]))
+def test_property_score_interval_brackets_the_estimate_and_agrees_with_its_p(data, per_patient, null):
+    y, a, b = (np.asarray(v) for v in data)
+    for s in (a.astype(float), b):
+        for g in (None, np.arange(y.size) // per_patient):
+            try:
+                r = stats.delong(y, s, groups=g, null=null)
+            except stats.NotEstimable:
+                continue
+            if math.isnan(r.ci[0]):  # clustered variance 0 inside (0, 1): no interval, said so
+                assert r.note.startswith("not estimable") and 0 < r.auc < 1
+                continue
+            assert 0.0 <= r.ci[0] <= r.auc <= r.ci[1] <= 1.0 and r.ci[0] < r.ci[1]
+            assert (r.p_value < 0.05) == (not r.ci[0] <= null <= r.ci[1]) or abs(r.p_value - 0.05) < 1e-9
+            assert r.design_effect > 0 and (g is None or r.df <= len(np.unique(g)) - 1)
+
+
+def test_score_interval_covers_a_true_auc_near_one():
     # true AUC 0.995 (binormal, d = 3.65): most samples of 12 + 12 separate perfectly
     rng = np.random.default_rng(11)
     d = 3.65
     true = norm.cdf(d / math.sqrt(2))
-    hits, exact = 0, 0
+    hits, perfect = 0, 0
     for _ in range(400):
         y = np.r_[np.zeros(12, int), np.ones(12, int)]
         r = stats.delong(y, rng.normal(size=24) + d * y)
         hits += r.ci[0] <= true <= r.ci[1]
-        exact += r.method == "exact_pairs"
-    assert exact > 200 and hits / 400 >= 0.93
+        perfect += r.auc == 1.0
+    assert perfect > 200 and hits / 400 >= 0.95
 
 
-def test_clustered_exact_interval_uses_pairs_that_share_no_patient():
-    # 4 patients, each one negative and one positive image, perfectly separated: 2 disjoint pairs
+def test_score_interval_holds_its_coverage_near_one_in_clustered_designs():
+    # the box-level design: 30 images with a lesion and a control box, image effect sd 1,
+    # between-image AUC 0.98. Wald on Obuchowski's variance missed E[AUC] 14.7% of the time
+    rng = np.random.default_rng(21)
+    d = norm.ppf(0.98) * 2.0
+    g, y = np.repeat(np.arange(30), 2), np.tile([1, 0], 30)
+    samples = [d * y + rng.normal(size=30)[g] + rng.normal(size=60) for _ in range(500)]
+    target = np.mean([stats.auc(y, s) for s in samples])
+    miss = {m: np.mean([not (lambda c: c[0] <= target <= c[1])(stats.delong(y, s, groups=g, method=m).ci)
+                        for s in samples]) for m in ("score", "wald")}
+    assert miss["score"] <= 0.05 and miss["wald"] > 0.10
+
+
+def test_clustered_boundary_takes_design_effect_one_and_the_bootstrap_the_same_interval():
+    # 4 patients, each one negative and one positive image, perfectly separated: the clustering
+    # cannot be estimated from placements that are all 1, so c = 1 and df = I - 1 = 3
     g = np.repeat(np.arange(4), 2)
     y = np.tile([0, 1], 4)
     s = y * 10.0 + np.arange(8)
     r = stats.delong(y, s, groups=g)
-    assert r.method == "exact_pairs" and r.ci[0] == pytest.approx(0.025 ** (1 / 2), rel=1e-12)
+    q = t_dist.ppf(0.975, 3)
+    assert r.method == "score" and (r.design_effect, r.df) == (1.0, 3.0)
+    assert r.ci == pytest.approx(stats._score_interval(1.0, 4, 4, 1.0, q), rel=1e-14)
     with pytest.warns(stats.FewClustersWarning):  # 12 patients
         b = stats.bootstrap_auc(np.tile(y, 3), np.tile(s, 3), groups=np.r_[g, g + 4, g + 8], n_boot=50)
-    assert b.method == "exact_pairs" and b.ci_low == pytest.approx(0.025 ** (1 / 6), rel=1e-12)
+    assert b.method == "score" and b.ci == stats.delong(np.tile(y, 3), np.tile(s, 3), groups=np.r_[g, g + 4, g + 8]).ci
+
+
+def test_zero_clustered_variance_inside_the_range_gives_no_interval():
+    # each patient's negative just below its positive: AUC about 0.5, Obuchowski's variance
+    # exactly 0 (every patient total cancels) though DeLong's row-wise one is not. Before: the
+    # exact Clopper-Pearson branch, built for AUC 0 or 1, gave e.g. [0.28, 0.74] at I = 40
+    for i in (2, 10, 40):
+        g, y, s = np.repeat(np.arange(i), 2), np.tile([0, 1], i), np.arange(2.0 * i)
+        r = stats.delong(y, s, groups=g)
+        assert 0 < r.auc < 1 and r.variance == 0.0 and stats.delong(y, s).variance > 0
+        assert all(math.isnan(v) for v in (*r.ci, r.p_value, r.z)) and r.note.startswith("not estimable")
+        for method in ("wald", "logit"):
+            assert math.isnan(stats.delong(y, s, groups=g, method=method).ci[0])
 
 
 def test_paired_swap_p_by_monte_carlo_beyond_twelve_units():
@@ -1111,8 +1376,11 @@ def test_paired_swap_p_by_monte_carlo_beyond_twelve_units():
 
     y = np.r_[np.zeros(6, int), np.ones(7, int)]
     a, b = np.arange(13.0), np.zeros(13)
+    from scipy.stats import rankdata
+
     sw = np.array(list(itertools.product([False, True], repeat=13)))
-    a2, b2 = np.where(sw, b, a), np.where(sw, a, b)
+    ra, rb = rankdata(a) / 13, rankdata(b) / 13  # the swap exchanges the scores' normalised ranks
+    a2, b2 = np.where(sw, rb, ra), np.where(sw, ra, rb)
 
     def pair_auc(s):  # the Mann-Whitney kernel over all pairs, every pattern at once
         x, z = s[:, y == 1][:, :, None], s[:, y == 0][:, None, :]
