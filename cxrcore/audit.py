@@ -880,7 +880,9 @@ def audit(encoder_key: str, *, weights: str | os.PathLike | None = None, stand_i
           progress: bool = True, encoder=None, readouts: bool | Sequence[str] = False) -> AuditResult:
     """Run the small-lesion audit of one encoder into ``out`` (resumable); return what it found.
 
-    ``encoder_key``: a registered key, ``timm:<name>`` or ``hf:<id>``. ``quick``: the
+    ``encoder_key``: a registered key, ``timm:<name>``, ``hf:<id>`` or an open_clip id
+    (``open_clip:<model name>[@<pretrained tag>]``, ``open_clip:hf-hub:<org>/<repo>``,
+    ``open_clip:local-dir:<dir>``; :mod:`cxrcore.encoders.openclip`). ``quick``: the
     reduced sweep (panel ``audit-quick``, 32 images, 200 bootstrap replicates) instead of
     the full one (``audit``, 48, 1000); ``n_images``/``n_boot``/``panel`` override either.
     ``cohort``: any cohort name (``synthetic`` is generated at ``image_size`` px; the
@@ -1008,7 +1010,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                               "detectable footprint per pooling mode, dilution expectation (audit.json + audit.html)",
                               description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("encoder", help="encoder key (cxrcore.list_encoders()), or timm:<name> / hf:<id>")
+    a.add_argument("encoder", help="encoder key (cxrcore.list_encoders()), or timm:<name> / hf:<id> / "
+                   "open_clip:<model name>[@<pretrained tag>] / open_clip:hf-hub:<org>/<repo> / open_clip:local-dir:<dir>")
     w = a.add_mutually_exclusive_group()
     w.add_argument("--stand-in", action="store_true", help="random-weight stand-in of the encoder's family (no download)")
     w.add_argument("--weights", help="hub id, local directory or checkpoint file of the weights (default: the published ones)")

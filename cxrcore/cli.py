@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("extract", help="run an encoder over a cohort (optionally through a perturbation panel) into "
                        "a resumable Parquet embedding store", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("--encoder", required=True, help="encoder key (cxrcore.list_encoders()), or timm:<name> / hf:<id>")
+    e.add_argument("--encoder", required=True, help="encoder key (cxrcore.list_encoders()), or timm:<name> / hf:<id> / "
+                   "open_clip:<model name>[@<pretrained tag>] / open_clip:hf-hub:<org>/<repo> / open_clip:local-dir:<dir>")
     w = e.add_mutually_exclusive_group()
     w.add_argument("--stand-in", action="store_true", help="random-weight stand-in of the encoder's family (no download)")
     w.add_argument("--weights", help="hub id, local directory or checkpoint file of the weights (default: the published ones)")
