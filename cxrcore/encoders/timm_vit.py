@@ -138,7 +138,8 @@ class TimmViTEncoder(Encoder):
     @classmethod
     def build_meta(cls, spec: EncoderSpec) -> torch.nn.Module:
         with torch.device("meta"):
-            return _create(spec.arch["model_name"])
+            # frozen, as it runs: torch's FLOP counter otherwise trips on timm's attention-pool latent under no_grad
+            return _create(spec.arch["model_name"]).requires_grad_(False)
 
     @classmethod
     def default_resize_short(cls, spec: EncoderSpec, input_size: int) -> int:
