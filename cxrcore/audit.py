@@ -873,18 +873,22 @@ def _cpu_seconds() -> float:
 
 def audit(encoder_key: str, *, weights: str | os.PathLike | None = None, stand_in: bool = False,
           cohort: str = "synthetic", data_root: str | os.PathLike | None = None, device: str = "cpu",
-          dtype=None, input_size: int | None = None, quick: bool = False, out: str | os.PathLike = "audit",
+          dtype=None, input_size: int | None = None, resize_short: int | None = None, quick: bool = False,
+          out: str | os.PathLike = "audit",
           seed: int = 0, n_images: int | None = None, n_boot: int | None = None, n_splits: int = 4,
           threshold: float = DEFAULT_THRESHOLD, panel: str | os.PathLike | None = None, image_size: int = 512,
           cohort_options: Mapping | None = None, batch_size: int = 16, num_workers: int | None = None,
           progress: bool = True, encoder=None, readouts: bool | Sequence[str] = False) -> AuditResult:
     """Run the small-lesion audit of one encoder into ``out`` (resumable); return what it found.
 
-    ``encoder_key``: a registered key, ``timm:<name>`` or ``hf:<id>``. ``quick``: the
+    ``encoder_key``: a registered key, ``timm:<name>``, ``hf:<id>`` or an open_clip id
+    (``open_clip:<model name>[@<pretrained tag>]``, ``open_clip:hf-hub:<org>/<repo>``,
+    ``open_clip:local-dir:<dir>``; :mod:`cxrcore.encoders.openclip`). ``quick``: the
     reduced sweep (panel ``audit-quick``, 32 images, 200 bootstrap replicates) instead of
     the full one (``audit``, 48, 1000); ``n_images``/``n_boot``/``panel`` override either.
     ``cohort``: any cohort name (``synthetic`` is generated at ``image_size`` px; the
-    others read ``data_root``). ``dtype``: as :func:`cxrcore.load_encoder` (``"bfloat16"`` loads bf16 weights on a GPU).
+    others read ``data_root``). ``dtype``, ``input_size``, ``resize_short``: as :func:`cxrcore.load_encoder`
+    (``"bfloat16"`` loads bf16 weights on a GPU).
     ``encoder``: an already loaded encoder (the book reuses one); it must match ``encoder_key``.
     ``readouts``: True (all) or names of box-free readouts (:mod:`cxrcore.readouts`) to add
     beside the pooling modes; the patch grids are then stored (``out/store-grids``, float16:
@@ -918,7 +922,7 @@ def audit(encoder_key: str, *, weights: str | os.PathLike | None = None, stand_i
     n_images = min(n_images, len(data))
     if encoder is None:
         encoder = load_encoder(encoder_key, weights=weights, stand_in=stand_in, device=device,
-                               dtype=dtype or torch.float32, input_size=input_size)
+                               dtype=dtype or torch.float32, input_size=input_size, resize_short=resize_short)
     elif encoder.key != encoder_key:
         raise ValueError(f"encoder {encoder.key!r} was passed for encoder_key {encoder_key!r}; they must agree")
     from .readouts import READOUTS
@@ -1008,7 +1012,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                               "detectable footprint per pooling mode, dilution expectation (audit.json + audit.html)",
                               description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("encoder", help="encoder key (cxrcore.list_encoders()), or timm:<name> / hf:<id>")
+    a.add_argument("encoder", help="encoder key (cxrcore.list_encoders()), or timm:<name> / hf:<id> / "
+                   "open_clip:<model name>[@<pretrained tag>] / open_clip:hf-hub:<org>/<repo> / open_clip:local-dir:<dir>")
     w = a.add_mutually_exclusive_group()
     w.add_argument("--stand-in", action="store_true", help="random-weight stand-in of the encoder's family (no download)")
     w.add_argument("--weights", help="hub id, local directory or checkpoint file of the weights (default: the published ones)")
@@ -1033,6 +1038,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and forward-pass dtype, as for cxrcore extract (bfloat16 on GPUs)")
     a.add_argument("--input-size", type=int, help="override the encoder's input side (a multiple of its patch size)")
+    a.add_argument("--resize-short", type=int, help="side resized to before the centre crop of a crop geometry "
+                   "(default: the encoder's crop ratio at its input size), e.g. --input-size 224 --resize-short 256: "
+                   "DINOv2's published processor")
     a.add_argument("--batch-size", type=int, default=16, help="forward-pass batch size")
     a.add_argument("--num-workers", type=int, help="DataLoader workers (default: CPU count - 1, max 8)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1044,7 +1052,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run the ``audit`` sub-command; prints the verdict and where the card is."""
     res = audit(args.encoder, weights=args.weights, stand_in=args.stand_in, cohort=args.cohort, data_root=args.data_root,
-                device=args.device, dtype=args.dtype, input_size=args.input_size,
+                device=args.device, dtype=args.dtype, input_size=args.input_size, resize_short=args.resize_short,
                 quick=args.quick, out=args.out, seed=args.seed, n_images=args.n_images, n_boot=args.n_boot,
                 n_splits=args.n_splits, threshold=args.threshold, panel=args.panel, image_size=args.image_size,
                 cohort_options=dict(args.cohort_option), batch_size=args.batch_size, num_workers=args.num_workers,

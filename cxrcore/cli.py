@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("extract", help="run an encoder over a cohort (optionally through a perturbation panel) into "
                        "a resumable Parquet embedding store", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("--encoder", required=True, help="encoder key (cxrcore.list_encoders()), or timm:<name> / hf:<id>")
+    e.add_argument("--encoder", required=True, help="encoder key (cxrcore.list_encoders()), or timm:<name> / hf:<id> / "
+                   "open_clip:<model name>[@<pretrained tag>] / open_clip:hf-hub:<org>/<repo> / open_clip:local-dir:<dir>")
     w = e.add_mutually_exclusive_group()
     w.add_argument("--stand-in", action="store_true", help="random-weight stand-in of the encoder's family (no download)")
     w.add_argument("--weights", help="hub id, local directory or checkpoint file of the weights (default: the published ones)")
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the tensor cores)")
     e.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)  # deprecated: --dtype bfloat16
     e.add_argument("--input-size", type=int, help="override the encoder's input side (a multiple of its patch size)")
+    e.add_argument("--resize-short", type=int, help="side resized to before the centre crop of a crop geometry "
+                   "(default: the encoder's crop ratio at its input size), e.g. --input-size 224 --resize-short 256: "
+                   "DINOv2's published processor")
     e.add_argument("--backend", choices=["local", "ray"], default="local", help="local (default): this process and its "
                    "DataLoader workers; ray: a Ray Data pipeline (pip install 'cxrcore[ray]'), CPU decoding and a GPU "
                    "actor pool writing the same store")
@@ -169,7 +173,8 @@ def run_extract(args: argparse.Namespace) -> int:
                              "Ray tasks and pools the cohort's own boxes")
         # the actors load the encoder themselves: the driver never holds the weights (ViT-7B is 13 GB in bf16)
         res = extract_ray(args.encoder, cohort, args.out, weights=args.weights, stand_in=args.stand_in,
-                             device=args.device, dtype=dtype, input_size=args.input_size, address=args.address,
+                             device=args.device, dtype=dtype, input_size=args.input_size,
+                             resize_short=args.resize_short, address=args.address,
                              num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus_per_actor,
                              batch_size=16 if args.batch_size == "auto" else int(args.batch_size), **common)
         device = args.device
@@ -177,7 +182,7 @@ def run_extract(args: argparse.Namespace) -> int:
         if args.address or args.num_actors or args.num_gpus_per_actor:
             raise ValueError("--address, --num-actors and --num-gpus-per-actor are options of --backend ray")
         encoder = load_encoder(args.encoder, weights=args.weights, stand_in=args.stand_in, device=args.device,
-                               dtype=dtype, input_size=args.input_size)
+                               dtype=dtype, input_size=args.input_size, resize_short=args.resize_short)
         # data_root is not provenance: moving the data must not invalidate a store (image_hash guards content)
         res = extract(encoder, cohort, args.out, shard=shard, batch_size=args.batch_size, num_workers=args.num_workers,
                       boxes=boxes, chunk_info={"slurm": slurm} if slurm else None, **common)

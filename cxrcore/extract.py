@@ -907,7 +907,7 @@ def _store_for(store: "str | os.PathLike | Mapping[str, str | os.PathLike]", key
 
 
 def _expected_encoder(key: str, encoder: "Encoder | None", weights: "str | None", stand_in: bool,
-                      dtype: torch.dtype, input_size: int | None) -> dict:
+                      dtype: torch.dtype, input_size: int | None, resize_short: int | None = None) -> dict:
     """What the store's ``encoder`` provenance must say for this analysis, without loading the model."""
     from dataclasses import asdict
 
@@ -922,7 +922,8 @@ def _expected_encoder(key: str, encoder: "Encoder | None", weights: "str | None"
         desc = read_descriptor(weights)
         d = asdict(spec)
         d.pop("arch", None)
-        size, geometry, resize_short = encoder_options(key, weights=weights, input_size=input_size)
+        size, geometry, resize_short = encoder_options(key, weights=weights, input_size=input_size,
+                                                       resize_short=resize_short)
         d.update(weights="random-weight stand-in" if stand_in else str(weights if weights is not None else spec.weights),
                  stand_in=bool(stand_in or (desc and desc.get("stand_in"))), input_size=size, geometry=geometry,
                  resize_short=resize_short, patch_size=int(spec.patch_size), dtype=str(dtype))
@@ -954,11 +955,15 @@ def _check_store(d: Path, prov: Mapping, *, kind: str, cohort: Cohort, expected_
         raise _mismatch(d, "weights", enc.get("weights"), want["weights"], fix_extract)
     if int(enc.get("input_size", -1)) != int(want["input_size"]):
         raise _mismatch(d, "input_size", enc.get("input_size"), want["input_size"], fix_extract)
+    if enc.get("resize_short") != want.get("resize_short"):  # an option of the run, like input_size
+        raise _mismatch(d, "resize_short", enc.get("resize_short"), want.get("resize_short"),
+                        "Pass resize_short= the store's value (the store was extracted with --resize-short), or "
+                        "extract again with this one.")
     if _dtype_name(enc.get("dtype")) != _dtype_name(want["dtype"]):
         raise _mismatch(d, "dtype", _dtype_name(enc.get("dtype")), _dtype_name(want["dtype"]),
                         "Pass dtype= the store's dtype, or extract again with --dtype.")
     # the encoder's published preprocessing and token layout as this code has them
-    for k in sorted(set(want) - {"key", "stand_in", "weights", "weights_id", "input_size", "dtype"}):
+    for k in sorted(set(want) - {"key", "stand_in", "weights", "weights_id", "input_size", "resize_short", "dtype"}):
         if canonical_json(enc.get(k)) != canonical_json(want[k]):
             raise _mismatch(d, f"encoder.{k}", enc.get(k), want[k], "The encoder's preprocessing changed since the "
                             "store was written: re-extract it.")
@@ -1101,6 +1106,7 @@ def embeddings(kind: str, cohort: Cohort, encoder: "str | Encoder", *,
                store: "str | os.PathLike | Mapping[str, str | os.PathLike] | None" = None,
                weights: "str | os.PathLike | Mapping[str, str] | None" = None, stand_in: bool = False,
                device: str = "cpu", dtype: "str | torch.dtype" = "float32", input_size: int | None = None,
+               resize_short: int | None = None,
                panel: "Panel | str | Sequence[PerturbationCell] | None" = None, seed: int = 0,
                n_images: int | None = None, boxes: "bool | pd.DataFrame | Mapping[str, Sequence] | None" = None,
                return_grid: bool = False, batch_size: int = 16, check_images: int = 2,
@@ -1115,7 +1121,7 @@ def embeddings(kind: str, cohort: Cohort, encoder: "str | Encoder", *,
 
     ``store``: a store directory, or a dict encoder key -> directory. The store is checked
     against this call before anything is read: code version, ``encoder``, ``stand_in``,
-    ``weights`` (content hash for local files), ``input_size``, ``dtype``, the encoder's
+    ``weights`` (content hash for local files), ``input_size``, ``resize_short``, ``dtype``, the encoder's
     preprocessing, ``cohort`` (name; every one of the first ``n_images`` image ids present,
     the pixels of the first ``check_images`` images hashing as stored, which also catches
     a generated cohort drawn with another seed or size), ``panel`` (its cells) and, for a
@@ -1127,7 +1133,7 @@ def embeddings(kind: str, cohort: Cohort, encoder: "str | Encoder", *,
     extract them. ``device`` and ``batch_size`` matter only without a store.
 
     Without a store, the encoder (a key, loaded with ``weights``/``stand_in``/``device``/
-    ``dtype``/``input_size``; or an :class:`Encoder` already loaded) runs in-process.
+    ``dtype``/``input_size``/``resize_short``; or an :class:`Encoder` already loaded) runs in-process.
 
     Returns :class:`~cxrcore.store.Embeddings` with ``meta`` (same columns and types either
     way; ``image_index`` is the row of ``cohort.metadata``), ``features[mode]`` float32,
@@ -1153,13 +1159,14 @@ def embeddings(kind: str, cohort: Cohort, encoder: "str | Encoder", *,
         d = _store_for(store, key)
         prov = read_manifest(d)["provenance"]
         expected = _expected_encoder(key, None if isinstance(encoder, str) else encoder, None if w is None else str(w),
-                                     stand_in, dt, input_size)
+                                     stand_in, dt, input_size, resize_short)
         _check_store(d, prov, kind=kind, cohort=cohort, expected_encoder=expected, panel=pan, seed=seed)
         emb = _from_store(kind, d, cohort, n, boxes=False if boxes is None and kind == "cohort" else boxes,
                           return_grid=return_grid, check_images=check_images)
     else:
         enc = encoder if not isinstance(encoder, str) else load_encoder(
-            key, weights=w, stand_in=stand_in, device=device, dtype=dt, input_size=input_size)
+            key, weights=w, stand_in=stand_in, device=device, dtype=dt, input_size=input_size,
+            resize_short=resize_short)
         if kind == "panel":
             emb = encode_panel(cohort, enc, pan, n_images=n, seed=seed, batch_size=batch_size, progress=progress,
                                return_grid=return_grid)

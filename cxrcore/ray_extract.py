@@ -159,13 +159,14 @@ class _Encoder:
     """A Ray Data actor: builds its own encoder once, then one forward pass per forward-batch row."""
 
     def __init__(self, *, key: str, weights: str | None, stand_in: bool, device: str, dtype: torch.dtype,
-                 input_size: int | None, provenance: Mapping, store_grid: bool, common: Mapping) -> None:
+                 input_size: int | None, resize_short: int | None, provenance: Mapping, store_grid: bool,
+                 common: Mapping) -> None:
         import ray
 
         from .encoders import load_encoder
 
         self.encoder = load_encoder(key, weights=weights, stand_in=stand_in, device=device, dtype=dtype,
-                                    input_size=input_size)
+                                    input_size=input_size, resize_short=resize_short)
         _encoder_check(self.encoder, provenance, common, f"the encoder actor on Ray node {ray.util.get_node_ip_address()}")
         self.store_grid = store_grid
 
@@ -234,14 +235,16 @@ class _ChunkWriter:
         return table.num_rows
 
 
-def _probe(key: str, weights, stand_in: bool, device: str, dtype: torch.dtype, input_size, common: Mapping):
+def _probe(key: str, weights, stand_in: bool, device: str, dtype: torch.dtype, input_size, resize_short,
+           common: Mapping):
     """On a worker with an encoder actor's resources: the run's provenance and a model-free CPU preprocessor.
 
     Remote, so the driver (often a small head node) never loads the weights.
     """
     from .encoders import load_encoder
 
-    enc = load_encoder(key, weights=weights, stand_in=stand_in, device=device, dtype=dtype, input_size=input_size)
+    enc = load_encoder(key, weights=weights, stand_in=stand_in, device=device, dtype=dtype, input_size=input_size,
+                       resize_short=resize_short)
     prov = run_provenance(enc, types.SimpleNamespace(name=common["cohort_name"]), panel=common["panel"],
                           seed=common["seed"], n_images=common["n_images"], cohort_options=common["cohort_options"],
                           store_grid=common["store_grid"])
@@ -349,7 +352,8 @@ def extract_ray(encoder: str, cohort, out: str | os.PathLike, *,
                 panel: "Panel | str | Sequence[PerturbationCell] | None" = None, n_images: int | None = None,
                 seed: int = 0, store_grid: bool = False, batch_size: int = 16, chunk_size: int | None = None,
                 weights: str | None = None, stand_in: bool = False, device: str | None = None,
-                dtype: "str | torch.dtype" = "float32", input_size: int | None = None, address: str | None = None,
+                dtype: "str | torch.dtype" = "float32", input_size: int | None = None,
+                resize_short: int | None = None, address: str | None = None,
                 num_actors: int | None = None, num_gpus_per_actor: float | None = None,
                 num_cpus_per_actor: float | None = None, num_cpus_per_decode: float = 1,
                 num_decoders: int | None = None, progress: bool = True,
@@ -357,7 +361,7 @@ def extract_ray(encoder: str, cohort, out: str | os.PathLike, *,
     """:func:`cxrcore.extract.extract` on a Ray cluster: the same store (same chunks, rows, provenance); resumable.
 
     ``encoder``: an encoder key; every actor builds the encoder itself from ``weights`` /
-    ``stand_in`` / ``dtype`` / ``input_size`` (the weights must be readable on every node,
+    ``stand_in`` / ``dtype`` / ``input_size`` / ``resize_short`` (the weights must be readable on every node,
     and ``out`` writable from every node). ``address``: a Ray cluster (``"auto"``: the one
     this machine belongs to); default: the current Ray connection (kept as it is), else
     ``$RAY_ADDRESS``, else a new local instance (never a stale cluster found in /tmp/ray),
@@ -372,7 +376,8 @@ def extract_ray(encoder: str, cohort, out: str | os.PathLike, *,
     """
     if not isinstance(encoder, str):
         raise TypeError(f"extract_ray takes an encoder key (e.g. 'rad-dino'), not {type(encoder).__name__}: each Ray "
-                        "actor builds its own encoder from the key, weights, stand_in, dtype and input_size")
+                        "actor builds its own encoder from the key, weights, stand_in, dtype, input_size and "
+                        "resize_short")
     ray = _import_ray()
     t0 = time.perf_counter()
     pan = None if panel is None else load_panel(panel)
@@ -386,10 +391,11 @@ def extract_ray(encoder: str, cohort, out: str | os.PathLike, *,
                                             num_cpus_per_decode, device)
     common = dict(cohort_name=getattr(cohort, "name", type(cohort).__name__), panel=pan, seed=int(seed), n_images=n,
                   cohort_options=dict(cohort_options or {}), store_grid=bool(store_grid))
-    enc_args = dict(key=encoder, weights=weights, stand_in=stand_in, device=dev, dtype=dt, input_size=input_size)
+    enc_args = dict(key=encoder, weights=weights, stand_in=stand_in, device=dev, dtype=dt, input_size=input_size,
+                    resize_short=resize_short)
     probe = ray.remote(_probe).options(num_cpus=cpa, num_gpus=gpa)
     with _plain_errors(ray):
-        prov, pre = ray.get(probe.remote(encoder, weights, stand_in, dev, dt, input_size, common))
+        prov, pre = ray.get(probe.remote(encoder, weights, stand_in, dev, dt, input_size, resize_short, common))
 
     cs = int(chunk_size or default_chunk_size(store_grid, len(cells)))
     out = open_store(out, prov, {"n_images": n, "chunk_size": cs})

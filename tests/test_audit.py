@@ -245,3 +245,18 @@ def test_side_by_side_helpers(mean_shift_audit):
     assert any("roi_local detects it from" in line for line in res.findings)
     fig = A.cards_figure(both, label="synthetic tokens")
     assert len(fig.axes) == 2 * 1
+
+
+def test_resize_short_reaches_the_encoder(monkeypatch, tmp_path, capsys):
+    """`cxrcore audit ... --resize-short 256` loads the encoder with it (stopped there: the run is the extract path)."""
+    seen = {}
+
+    def load_encoder(key, **kw):
+        seen.update(key=key, **kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("cxrcore.encoders.load_encoder", load_encoder)
+    assert A.main(["dino-resnet50", "--stand-in", "--resize-short", "256", "--n-images", "2", "--num-workers", "0",
+                   "--no-progress", "--out", str(tmp_path / "out")]) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert (seen["key"], seen["resize_short"], seen["input_size"]) == ("dino-resnet50", 256, None)

@@ -160,9 +160,11 @@ def test_backend_ray_hands_the_encoder_key_to_extract_ray(tmp_path, capsys, monk
         i = a.index("--num-workers")
         return a[:i] + a[i + 2:]
 
-    assert main(ray_args(tmp_path / "s", "--backend", "ray", "--address", "auto", "--num-actors", "2", "--panel", "smoke")) == 0
+    assert main(ray_args(tmp_path / "s", "--backend", "ray", "--address", "auto", "--num-actors", "2", "--panel", "smoke",
+                         "--resize-short", "32")) == 0
     assert json.loads(capsys.readouterr().out)["backend"] == "ray"
     assert seen["encoder"] == "dinov3-vit7b16" and isinstance(seen["encoder"], str)
+    assert (seen["input_size"], seen["resize_short"]) == (32, 32)  # the actors' loading options, as given
     assert (seen["cohort"], seen["out"], seen["panel"], seen["address"], seen["num_actors"], seen["batch_size"]) == (
         "synthetic", str(tmp_path / "s"), "smoke", "auto", 2, 16)
     # options that only the local backend has are refused, not dropped
@@ -189,3 +191,26 @@ def test_audit_is_a_cxrcore_sub_command(tmp_path, capsys):
     assert err.startswith("cxrcore audit: error:") and "rad-dino" in err  # says what is accepted
     with pytest.raises(SystemExit):
         main(["audit", "rad-dino", "--dtype", "float64", "--out", str(tmp_path / "b")])
+
+
+def test_resize_short_reaches_the_encoder_and_the_stores_provenance(tmp_path, capsys):
+    """--resize-short 256 with DINO's ResNet-50 at 224: its eval transform (Resize(256), CenterCrop(224))."""
+    from cxrcore.store import geometry_from_json
+
+    def run(out, *extra):
+        return main(["extract", "--encoder", "dino-resnet50", "--stand-in", *extra, "--cohort", "synthetic", "--n-images",
+                     "2", "--cohort-option", "size=64", "--num-workers", "0", "--no-progress", "--out", str(out)])
+
+    assert run(tmp_path / "a", "--resize-short", "256") == 0
+    store = read_store(tmp_path / "a")
+    assert (store.provenance["encoder"]["input_size"], store.provenance["encoder"]["resize_short"]) == (224, 256)
+    g = geometry_from_json(store.meta["geometry"].iloc[0])
+    assert (g.resized_hw, g.crop) == ((256, 256), (16, 16))
+    assert run(tmp_path / "b") == 0  # without it: the encoder's crop ratio 1.0
+    assert read_store(tmp_path / "b").provenance["encoder"]["resize_short"] == 224
+    capsys.readouterr()
+    assert run(tmp_path / "c", "--resize-short", "200") == 2  # checked before any weights or pixels are read
+    assert "resize_short=200 must be an integer >= input_size 224" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    r = subprocess.run([sys.executable, "-m", "cxrcore.cli", "extract", "--help"], capture_output=True, text=True, timeout=60)
+    assert "--resize-short" in r.stdout

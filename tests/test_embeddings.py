@@ -104,6 +104,7 @@ def test_boxes_the_store_did_not_pool(box_store, lesions, tmp_path):
     ({"stand_in": False}, "stand_in is True in the store but False"),
     ({"dtype": "bfloat16"}, "dtype is 'float32' in the store but 'bfloat16'"),
     ({"input_size": 112}, "input_size is 518 in the store but 112"),
+    ({"resize_short": 600}, "resize_short is 518 in the store but 600"),
     ({"seed": 2}, "seed is 1 in the store but 2"),
     ({"panel": "default"}, "panel is \"smoke ["),
     ({"kind": "cohort", "panel": None}, "panel is 'smoke' in the store but None"),
@@ -172,3 +173,18 @@ def test_gpu_hours_table():
     f = gpu_hours_table(["rad-dino"], {"pool": 3600}, panel=None, rate_source=gflops / 1e3)
     assert f.gpu_hours.iloc[0] == pytest.approx(1.0)
     assert gpu_hours_table(["rad-dino"], panel=None).images.tolist() == [492_724, 3_543]
+
+
+def test_a_store_extracted_with_resize_short_is_read_back_only_with_it(tmp_path):
+    out = tmp_path / "rs"
+    assert main(["extract", "--encoder", "dino-resnet50", "--stand-in", "--resize-short", "256", "--cohort", "synthetic",
+                 "--n-images", "5", "--cohort-option", "size=96", *RUN, "--out", str(out)]) == 0
+    cohort = get_cohort("synthetic", **{**SYN, "seed": 0})
+    fresh = embeddings("cohort", cohort, "dino-resnet50", stand_in=True, resize_short=256)
+    _same(embeddings("cohort", cohort, "dino-resnet50", stand_in=True, store=out, resize_short=256), fresh)
+    # the option changes the pixels (a 224 crop of a 256 side, not the whole 224 side)
+    other = embeddings("cohort", cohort, "dino-resnet50", stand_in=True)
+    assert not np.allclose(other.features["cls"], fresh.features["cls"], atol=1e-3)
+    with pytest.raises(StoreMismatchError, match=r"resize_short is 256 in the store but 224 in this analysis.*"
+                                                 r"--resize-short"):
+        embeddings("cohort", cohort, "dino-resnet50", stand_in=True, store=out)

@@ -39,8 +39,12 @@ def make_local(enc) -> None:
             for block in layer:
                 _zero([block.bn3.weight, block.bn3.bias])
         return
+    if hasattr(getattr(m, "transformer", None), "resblocks"):  # open_clip's VisionTransformer (open_clip: ids)
+        for blk in m.transformer.resblocks:
+            _zero([*blk.attn.out_proj.parameters(), *blk.mlp.c_proj.parameters()])
+        return
     trunk = getattr(m, "trunk", None) or (m if hasattr(m, "blocks") else None)
-    if trunk is not None:  # timm ViT (BiomedCLIP's trunk, timm: wrapper)
+    if trunk is not None:  # timm ViT (BiomedCLIP's trunk, open_clip timm trunks, timm: wrapper)
         for blk in trunk.blocks:
             _zero([*blk.attn.proj.parameters(), *blk.mlp.fc2.parameters()])
         return
@@ -84,7 +88,9 @@ def _hf_wrapped(kind: str, tmp_path):
 
 
 VIT_KEYS = [k for k, s in REGISTRY.items() if s.family != "torchvision_resnet"] + [
-    "timm:vit_base_patch14_reg4_dinov2", "hf:dinov2_with_registers", "hf:vit"]
+    "timm:vit_base_patch14_reg4_dinov2", "hf:dinov2_with_registers", "hf:vit",
+    # open_clip's own ViT (centre crop), a timm trunk without a class token (squash, attention-pool head)
+    "open_clip:ViT-B-16", "open_clip:ViT-B-16-SigLIP@webli"]
 
 
 @pytest.fixture

@@ -238,6 +238,14 @@ def test_timm_wrapper_drops_prefix_tokens():
     np.testing.assert_allclose(out.roi_local[0], out.patch_mean[0], rtol=1e-5, atol=1e-6)
 
 
+def test_timm_wrapper_counts_a_vit_with_an_attention_pool_head():
+    """SigLIP ViTs pool with a learned latent query (timm global_pool='map'); counting them used to fail on the meta device."""
+    spec = encoder_spec("timm:vit_base_patch16_siglip_224")
+    assert spec.num_register_tokens == 0 and not spec.has_cls_token and spec.global_pool == "map"
+    closed = vit_flops(input_size=224, patch_size=16, hidden=768, layers=12, mlp_hidden=3072, prefix_tokens=0) / 1e9
+    assert closed < spec.gflops < 1.02 * closed  # the blocks, plus the small attention-pool head
+
+
 def test_hf_wrapper_reads_a_local_model_directory(stand_ins, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     stand_ins("dinov3-vit7b16").model.save_pretrained(tmp_path)

@@ -388,7 +388,7 @@ def _mid_size_dinov3(tmp_path):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("key", ["dinov3-vit7b16", "biomedclip", "dino-resnet50"])
+@pytest.mark.parametrize("key", ["dinov3-vit7b16", "biomedclip", "dino-resnet50", "open_clip:ViT-B-16"])
 def test_bf16_checkpoint_loads_without_a_float32_copy(key, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # load in this thread, where the dispatch mode sees it

@@ -132,6 +132,20 @@ def test_plain_run_with_boxes_and_grids_equals_single_process(ray_cluster, encod
     np.testing.assert_allclose(ga.grid.astype(np.float32), gb.grid.astype(np.float32), atol=2e-3)  # float16 grids
 
 
+
+def test_resize_short_reaches_the_probe_and_every_actor(ray_cluster, folder, tmp_path):
+    """extract_ray(resize_short=...) gives the store extract() gives with an encoder loaded with it."""
+    from cxrcore.ray_extract import extract_ray
+
+    short = INPUT + 2 * 14  # a centre crop of INPUT out of a larger short side (RAD-DINO's geometry is center_crop)
+    enc = cxrcore.load_encoder("rad-dino", stand_in=True, input_size=INPUT, resize_short=short)
+    ref, out = tmp_path / "one", tmp_path / "ray"
+    extract(enc, FolderCohort(folder), ref, chunk_size=10, batch_size=5, num_workers=0, progress=False)
+    extract_ray("rad-dino", FolderCohort(folder), out, stand_in=True, input_size=INPUT, resize_short=short,
+                chunk_size=10, batch_size=5, progress=False)
+    assert read_store(out).provenance["encoder"]["resize_short"] == short
+    assert_same_store(out, ref)
+
 KILLED_JOB = """
 import sys, time
 import ray

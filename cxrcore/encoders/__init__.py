@@ -1,8 +1,11 @@
 """The encoder registry: one key per published encoder, one contract (``Encoder.encode``).
 
 The six encoders of the paper are registered under fixed keys; any timm ViT is
-reachable as ``timm:<model name>`` and a transformers vision model as ``hf:<model id>``
-(for model types whose token layout is known: DINOv2 (with registers), DINOv3, SigLIP, ViT).
+reachable as ``timm:<model name>``, a transformers vision model as ``hf:<model id>``
+(for model types whose token layout is known: DINOv2 (with registers), DINOv3, SigLIP, ViT),
+and the image tower of an open_clip model (a ViT) as ``open_clip:<model name>``,
+``open_clip:<model name>@<pretrained tag>``, ``open_clip:hf-hub:<org>/<repo>`` or
+``open_clip:local-dir:<directory>`` (:mod:`cxrcore.encoders.openclip`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .biomedclip import BIOMEDCLIP_OPEN_CLIP_CONFIG, BiomedClipEncoder
 from .dinov2 import Dinov2Encoder, Dinov2RegistersEncoder, HFViTEncoder
 from .dinov3 import Dinov3Encoder
 from .hf import hf_spec
+from .openclip import ID_FORMS as OPEN_CLIP_ID_FORMS, OpenClipEncoder, open_clip_spec
 from .resnet import DINO_RESNET50_URL, ResNetEncoder
 from .siglip import SiglipEncoder
 from .timm_vit import TimmViTEncoder, timm_spec
@@ -147,11 +151,14 @@ REGISTRY: dict[str, EncoderSpec] = {
     ),
 }
 
-GENERIC_PREFIXES = ("timm:", "hf:")
+GENERIC_PREFIXES = ("timm:", "hf:", "open_clip:")
+#: what check_encoders and encoder_spec say is accepted besides the registered keys
+GENERIC_FORMS = "'timm:<timm ViT name>', 'hf:<transformers model id>', or an open_clip id: " + OPEN_CLIP_ID_FORMS
 
 
 def list_encoders() -> list[str]:
-    """Registered encoder keys (any timm ViT is also ``timm:<name>``, a transformers model ``hf:<id>``)."""
+    """Registered encoder keys (any timm ViT is also ``timm:<name>``, a transformers model ``hf:<id>``, an
+    open_clip image tower ``open_clip:<id>``)."""
     return list(REGISTRY)
 
 
@@ -160,8 +167,7 @@ def check_encoders(keys) -> list[str]:
     keys = [keys] if isinstance(keys, str) else list(keys)
     unknown = [k for k in keys if k not in REGISTRY and not str(k).startswith(GENERIC_PREFIXES)]
     if unknown or not keys:
-        raise ValueError(f"unknown encoder(s) {unknown or keys}; accepted: {list_encoders()} "
-                         "or 'timm:<model name>' / 'hf:<model id>'")
+        raise ValueError(f"unknown encoder(s) {unknown or keys}; accepted: {list_encoders()} or {GENERIC_FORMS}")
     return keys
 
 
@@ -175,10 +181,9 @@ def encoder_spec(key: str) -> EncoderSpec:
         return timm_spec(key)
     if key.startswith("hf:"):
         return hf_spec(key)
-    raise KeyError(
-        f"unknown encoder {key!r}; known encoders: {', '.join(REGISTRY)}; "
-        "or 'timm:<timm ViT name>' / 'hf:<transformers model id>'"
-    )
+    if key.startswith("open_clip:"):
+        return open_clip_spec(key)
+    raise KeyError(f"unknown encoder {key!r}; known encoders: {', '.join(REGISTRY)}; or {GENERIC_FORMS}")
 
 
 def encoder_options(key: str, *, weights: str | Path | None = None, input_size: int | None = None,
@@ -249,6 +254,6 @@ __all__ = [
     "check_encoders", "encoder_options",
     "Encoder", "EncoderSpec", "Encoding", "REGISTRY", "WeightsUnavailableError", "encoder_spec", "list_encoders",
     "load_encoder", "vit_flops",
-    "BiomedClipEncoder", "Dinov2Encoder", "Dinov2RegistersEncoder", "Dinov3Encoder", "HFViTEncoder", "ResNetEncoder",
-    "SiglipEncoder", "TimmViTEncoder",
+    "BiomedClipEncoder", "Dinov2Encoder", "Dinov2RegistersEncoder", "Dinov3Encoder", "HFViTEncoder", "OpenClipEncoder",
+    "ResNetEncoder", "SiglipEncoder", "TimmViTEncoder",
 ]

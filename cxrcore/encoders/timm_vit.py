@@ -27,9 +27,27 @@ from typing import Any
 import torch
 
 from .base import Encoder, EncoderSpec, cast_state, explain_load_failure, load_into_meta, read_descriptor, seeded
-from .biomedclip import timm_set_input_size
 
+#: timm ViT fields replaced in every stand-in of a timm ViT (here, and the trunks of open_clip towers)
 TIMM_STAND_IN = {"embed_dim": 64, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
+
+
+def timm_set_input_size(encoder: Encoder, trunk: torch.nn.Module) -> None:
+    """Resample a timm ViT's position table when run at a size other than its native one."""
+    if tuple(trunk.patch_embed.img_size) != (encoder.input_size, encoder.input_size):
+        trunk.set_input_size(img_size=encoder.input_size)
+
+
+def timm_vit_tokens(model: torch.nn.Module, pixels: torch.Tensor, grid_hw: tuple[int, int],
+                    key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm ViT's contract: (``forward_head(pre_logits=True)``, the patch grid of ``forward_features`` without its prefix tokens)."""
+    tokens = model.forward_features(pixels)
+    b, n, d = tokens.shape
+    h, w = grid_hw
+    first = model.num_prefix_tokens
+    if n - first != h * w:
+        raise RuntimeError(f"{key}: expected {first} + {h}x{w} tokens, got {n}")
+    return model.forward_head(tokens, pre_logits=True), tokens[:, first:].reshape(b, h, w, d)
 
 
 def _create(name: str, *, pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
@@ -120,7 +138,8 @@ class TimmViTEncoder(Encoder):
     @classmethod
     def build_meta(cls, spec: EncoderSpec) -> torch.nn.Module:
         with torch.device("meta"):
-            return _create(spec.arch["model_name"])
+            # frozen, as it runs: torch's FLOP counter otherwise trips on timm's attention-pool latent under no_grad
+            return _create(spec.arch["model_name"]).requires_grad_(False)
 
     @classmethod
     def default_resize_short(cls, spec: EncoderSpec, input_size: int) -> int:
@@ -128,13 +147,7 @@ class TimmViTEncoder(Encoder):
         return math.floor(input_size / float(spec.arch.get("crop_pct", 1.0)))
 
     def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.model.forward_features(pixels)
-        b, n, d = tokens.shape
-        h, w = self._grid_hw(pixels)
-        first = self.model.num_prefix_tokens
-        if n - first != h * w:
-            raise RuntimeError(f"{self.spec.key}: expected {first} + {h}x{w} tokens, got {n}")
-        return self.model.forward_head(tokens, pre_logits=True), tokens[:, first:].reshape(b, h, w, d)
+        return timm_vit_tokens(self.model, pixels, self._grid_hw(pixels), self.spec.key)
 
     def save(self, directory: str | os.PathLike) -> Path:
         from safetensors.torch import save_file
