@@ -1068,6 +1068,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``cxrcore audit`` on its own (``python -m cxrcore.audit ...``), with the same error handling as ``cxrcore``."""
+    from .encoders import WeightsUnavailableError
     from .store import StoreError
 
     p = argparse.ArgumentParser(prog="cxrcore")
@@ -1077,7 +1078,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv if argv[:1] == ["audit"] else ["audit", *argv])
     try:
         return args.run(args)
-    except (StoreError, ValueError, KeyError, FileNotFoundError) as e:
+    except (StoreError, WeightsUnavailableError, ValueError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cxrcore audit: error: {msg}", file=sys.stderr)
         return 2

@@ -229,6 +229,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .encoders import WeightsUnavailableError
     from .store import StoreError
 
     args = build_parser().parse_args(argv)
@@ -239,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_status(args)
         if args.command == "audit":
             return args.run(args)
-    except (StoreError, ValueError, KeyError, FileNotFoundError, ImportError) as e:
+    except (StoreError, WeightsUnavailableError, ValueError, KeyError, FileNotFoundError, ImportError) as e:
         # expected, user-fixable problems: the message says what to do; no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cxrcore {args.command}: error: {msg}", file=sys.stderr)

@@ -351,9 +351,11 @@ def weights_source_id(weights: str) -> str:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        got = try_to_load_from_cache(repo, "config.json")
-        if isinstance(got, str):
-            return f"hub:{repo}@{Path(got).parent.name}"
+        # transformers repos carry config.json, open_clip repos open_clip_config.json: either pins the snapshot
+        for name in ("config.json", "open_clip_config.json"):
+            got = try_to_load_from_cache(repo, name)
+            if isinstance(got, str):
+                return f"hub:{repo}@{Path(got).parent.name}"
     except (ImportError, ValueError, OSError):
         pass
     return f"hub:{repo}@unresolved"
@@ -464,7 +466,7 @@ def encode_panel(cohort: Cohort, encoder: Encoder, cells: "Sequence[Perturbation
 
 def encode_cohort(cohort: Cohort, encoder: Encoder, *, n_images: int | None = None,
                   boxes: "bool | pd.DataFrame | Mapping[str, Sequence]" = False, batch_size: int = 16,
-                  progress: bool = False, return_grid: bool = False) -> Embeddings:
+                  progress: bool = False, return_grid: bool = False, seed: int = 0) -> Embeddings:
     """Plain (unperturbed) extraction in memory: one row per image, with its labels.
 
     ``boxes=True`` gives one row per box of the cohort instead (``roi_local`` pooled under
@@ -479,7 +481,9 @@ def encode_cohort(cohort: Cohort, encoder: Encoder, *, n_images: int | None = No
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=f"{encoder.key} {getattr(cohort, 'name', '')}", unit="img")
-    return _encode_in_batches(encoder, (load_item(cohort, i, (), boxes=by_image) for i in it), batch_size, return_grid)
+    # the seed is recorded on every row, as `cxrcore extract --seed` records it (a store and this agree row for row)
+    return _encode_in_batches(encoder, (load_item(cohort, i, (), boxes=by_image, seed=seed) for i in it), batch_size,
+                              return_grid)
 
 
 def encode_images(cohort: Cohort, encoder: Encoder, *, boxes: Mapping[str, Sequence] | None = None,
@@ -1172,7 +1176,7 @@ def embeddings(kind: str, cohort: Cohort, encoder: "str | Encoder", *,
                                return_grid=return_grid)
         else:
             emb = encode_cohort(cohort, enc, n_images=n, boxes=False if boxes is None else boxes,
-                                batch_size=batch_size, progress=progress, return_grid=return_grid)
+                                batch_size=batch_size, progress=progress, return_grid=return_grid, seed=seed)
         emb.provenance = run_provenance(enc, cohort, panel=pan, seed=seed, n_images=n, store_grid=return_grid)
     emb.meta = _tidy_meta(emb.meta)
     return emb

@@ -214,3 +214,12 @@ def test_resize_short_reaches_the_encoder_and_the_stores_provenance(tmp_path, ca
     assert not (tmp_path / "c").exists()
     r = subprocess.run([sys.executable, "-m", "cxrcore.cli", "extract", "--help"], capture_output=True, text=True, timeout=60)
     assert "--resize-short" in r.stdout
+
+
+def test_weights_that_are_not_here_give_the_message_not_a_traceback(tmp_path, capsys):
+    """Offline without cached weights: exit 2 and the loader's advice (stand-in, weights=, gating), no traceback."""
+    for argv in (["extract", "--encoder", "rad-dino", "--cohort", "synthetic", "--n-images", "1", "--out", str(tmp_path / "e")],
+                 ["audit", "rad-dino", "--quick", "--out", str(tmp_path / "a")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "could not load weights" in err and "stand_in=True" in err, err

@@ -188,3 +188,9 @@ def test_a_store_extracted_with_resize_short_is_read_back_only_with_it(tmp_path)
     with pytest.raises(StoreMismatchError, match=r"resize_short is 256 in the store but 224 in this analysis.*"
                                                  r"--resize-short"):
         embeddings("cohort", cohort, "dino-resnet50", stand_in=True, store=out)
+
+
+def test_in_process_cohort_rows_record_the_seed_as_a_store_does():
+    cohort = get_cohort("synthetic", **SYN)
+    emb = embeddings("cohort", cohort, "rad-dino", stand_in=True, seed=3, n_images=2)
+    assert set(emb.meta["seed"]) == {3}
