@@ -88,6 +88,16 @@ if len(scale_sigmas) > len(report.SCALE_LINESTYLES):
     raise ValueError(f"scale_sigmas={scale_sigmas}: accepted are at most {len(report.SCALE_LINESTYLES)} settings")
 encoders = report.order_encoders(encoders)
 
+
+WORDS = {"percentile": "bootstrap percentile", "wald": "Wald with Obuchowski's variance and a t reference",
+         "exact_pairs": "exact (Clopper-Pearson) where the variance is 0"}
+
+
+def named(df: pd.DataFrame, col: str = "ci_method") -> str:
+    """The procedures a table's intervals came from, in words, from the column cxrcore.analysis names them in."""
+    found = sorted(set(df[col].dropna().astype(str)) - {""}) if col in df else []
+    return "; ".join(WORDS.get(m, m) for m in found) or "not named"
+
 # %% [markdown]
 # ## Lesion boxes and their matched controls
 # As in the ChestX-Det10 chapter: one control per lesion box, same size, same image, in the
@@ -179,17 +189,18 @@ fig = report.jitter_figure(table, overlap, x_label=x_label, title="Box-level roi
                            label=provenance)
 report.publish_figure(fig, "fig-boxjitter-auc", output_dir)
 
-shown = table.assign(**{"AUC [image-cluster bootstrap 95% CI]": report.with_ci(table),
+shown = table.assign(**{"AUC [95% CI]": report.with_ci(table),
                         "AUC small": table["auc_small"], "AUC large": table["auc_large"],
                         "still on the lesion": table["still_overlapping"]})
 rank = {k: i for i, k in enumerate(encoders)}
 shown = shown.sort_values(["encoder", "scale_sigma", "sigma_px"], key=lambda s: s.map(rank) if s.name == "encoder" else s)
 shown = shown.reset_index(drop=True).assign(scale_sigma=shown["scale_sigma"].map("{:g}".format).to_numpy()).rename(
     columns={"sigma_px": "sigma (px)", "scale_sigma": "scale sd"})
-report.publish_table(shown[["encoder", "sigma (px)", "scale sd", "AUC [image-cluster bootstrap 95% CI]", "AUC small",
+report.publish_table(shown[["encoder", "sigma (px)", "scale sd", "AUC [95% CI]", "AUC small",
                             "AUC large", "still on the lesion"]], "tab-boxjitter-auc", output_dir,
                      full=table.assign(produced_with=provenance),
-                     note=f"Produced with: {provenance}. Sigma in px of a {sigma_at_side}-px image; this cohort's "
+                     note=f"Produced with: {provenance}. AUC CI: {named(table)} over images. Sigma in px of a "
+                          f"{sigma_at_side}-px image; this cohort's "
                           f"images are {side} px. AUC small / large: the lesion boxes of one size stratum against "
                           "their controls (no CI).")
 report.save_table(overlap, "tab-boxjitter-overlap", output_dir)
@@ -252,6 +263,15 @@ else:
              + ": it checks the analysis on this combination; only the release with published weights answers the "
                "referee's question.")
 report.glue_text("num-boxjitter-scope", scope)
+rows = [{"reason": r["reason"], "item": r.get("item", "image"), "count": int(r["count"])}
+        for _, r in data.exclusions.iterrows()]
+rows.append({"reason": "no matched control box fits in the lung field (the pair is not jittered)", "item": "lesion box",
+             "count": len(data.boxes) - len(pairs)})
+if "n_excluded" in table:  # boxes cxrcore.analysis could not re-pool (cut away by the crop), per setting
+    rows += [{"reason": f"{r.encoder}, sigma {r.sigma_px:g}, scale sd {r.scale_sigma:g}: jittered box cut away by "
+                        "the crop", "item": "box", "count": int(r.n_excluded)} for r in table.itertuples()]
+exclusions = pd.DataFrame(rows, columns=["reason", "item", "count"])
+report.publish_table(exclusions[exclusions["count"] > 0].reset_index(drop=True), "tab-boxjitter-exclusions", output_dir)
 top = table[(table["sigma_px"] == big) & (table["scale_sigma"] == 0.0)]
 _ = report.write_summary(top.assign(analysis=f"box jitter: sigma {big:g} px", produced_with=provenance,
                                     what="roi_local, lesion vs control box, boxes jittered"), output_dir)
@@ -266,16 +286,17 @@ _ = report.write_summary(top.assign(analysis=f"box jitter: sigma {big:g} px", pr
 # ```{glue:figure} fig-boxjitter-auc
 # :name: fig-boxjitter-auc
 #
-# Box-level `roi_local` AUC (lesion vs matched control, all three classes; 95%
-# image-cluster bootstrap CI bands) against the jitter sigma, without (solid) and with
+# Box-level `roi_local` AUC (lesion vs matched control, all three classes; 95% CI bands
+# over images, the procedure named under {numref}`tab-boxjitter-auc`) against the jitter
+# sigma, without (solid) and with
 # (dashed) scale jitter; last panel: share of jittered lesion boxes still overlapping their
 # lesion, by size stratum.
 # ```
 #
 # ```{glue:table} tab-boxjitter-auc
-# Box-level `roi_local` AUC per encoder and jitter setting, with its 95% image-cluster
-# bootstrap CI, the AUC of each size stratum, and the share of jittered lesion boxes still
-# on their lesion.
+# Box-level `roi_local` AUC per encoder and jitter setting, with its 95% CI over images,
+# the AUC of each size stratum, and the share of jittered lesion boxes still on their
+# lesion.
 # ```
 #
 # How to read it: for small boxes a drop is expected as soon as jitter moves them off the
@@ -296,12 +317,20 @@ _ = report.write_summary(top.assign(analysis=f"box jitter: sigma {big:g} px", pr
 # image (Obuchowski 1997, t reference).
 # ```
 #
+# ## Exclusions
+# Every image or box left out, with its reason ({numref}`tab-boxjitter-exclusions`; an
+# empty table means none).
+#
+# ```{glue:table} tab-boxjitter-exclusions
+# Exclusions with their reasons and counts.
+# ```
+#
 # ## What we did
 # - Gave every lesion box a matched control box and encoded each image once per encoder
 #   (or read its grid from a `cxrcore extract --store-grid` store), counting the forward passes.
 # - Jittered every box with Gaussian centre noise (and, optionally, a log-normal scale),
 #   re-pooled `roi_local` from the stored grids, and refitted the box-level probe per setting.
-# - Reported AUC with image-cluster bootstrap CIs, the share of jittered boxes still on
+# - Reported AUC with CIs over images, the share of jittered boxes still on
 #   their lesion, and paired DeLong tests clustered by image against the unjittered boxes
 #   (BH-adjusted).
 #

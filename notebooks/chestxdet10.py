@@ -114,6 +114,18 @@ if readouts and not set(readout_encoders) & set(encoders):
     raise ValueError(f"readout_encoders {readout_encoders} share no encoder with encoders {encoders}; "
                      "name at least one of them, or pass readouts=[]")
 encoders = report.order_encoders(encoders)
+
+
+WORDS = {"percentile": "bootstrap percentile", "wald": "Wald with Obuchowski's variance and a t reference",
+         "exact_pairs": "exact (Clopper-Pearson) where the variance is 0"}
+
+
+def named(df: pd.DataFrame, col: str = "ci_method") -> str:
+    """The procedures a table's intervals came from, in words, from the column cxrcore.analysis names them in."""
+    found = sorted(set(df[col].dropna().astype(str)) - {""}) if col in df else []
+    return "; ".join(WORDS.get(m, m) for m in found) or "not named"
+
+
 readout_encoders = [k for k in encoders if k in readout_encoders] if readouts else []
 
 # %% [markdown]
@@ -321,9 +333,9 @@ for enc, c in gaps.reset_index()[keys].drop_duplicates().itertuples(index=False)
     r["positives small / large"] = f"{int(by_st.loc[(enc, c, 'cls', 'small'), 'n_pos'])} / {int(by_st.loc[(enc, c, 'cls', 'large'), 'n_pos'])}"
     rows.append(r)
 report.publish_table(pd.DataFrame(rows), "tab-chestxdet10-strata", output_dir, full=strata,
-                     note=f"Produced with: {provenance}. AUC CIs: patient-cluster bootstrap percentile where a patient "
-                          "has several images, else stratified bootstrap; gap CIs: joint bootstrap over the shared "
-                          "negatives.")
+                     note=f"Produced with: {provenance}. AUC CIs: {named(image.aucs)} (resampling patients where a "
+                          "patient has several images); gap CIs: " + (named(strata, "gap_method") if "gap_method" in strata
+                          else "joint bootstrap over the shared negatives") + ".")
 
 cls_gaps = gaps.xs("cls", level="pooling").reset_index()
 top = cls_gaps.loc[cls_gaps["gap"].idxmax()] if cls_gaps["gap"].notna().any() else None
@@ -380,9 +392,10 @@ else:
 # their controls; folds are grouped by image, so a lesion and its control are never split
 # between training and test (`cxrcore.analysis.box_level`). Pairs where the lesion's or
 # the control's box was excluded are left out (counted at the end). Both CIs treat the
-# image as the unit: an image-cluster bootstrap percentile interval, and the clustered
-# DeLong interval (Obuchowski's 1997 variance with a t reference, Satterthwaite df; where
-# the variance is 0, e.g. AUC = 1, the exact Clopper-Pearson interval on boxes from
+# image as the unit (a lesion and its control are resampled together), and each
+# procedure is named under {numref}`tab-chestxdet10-box`: a bootstrap interval over
+# images, and the clustered DeLong interval (Obuchowski's 1997 variance with a t
+# reference; where the variance is 0, e.g. AUC = 1, an exact interval on boxes from
 # distinct images). The test of AUC = 0.5 is that same clustered DeLong procedure; its
 # p-values are BH-adjusted over the (encoder × class) family.
 
@@ -409,16 +422,17 @@ fig = report.auc_by_pooling_figure(box_table, x="encoder", col="class", title="B
 report.reference_line(fig, 0.899, "reported (paper): ≥ 0.899")
 report.publish_figure(fig, "fig-chestxdet10-box", output_dir)
 shown = box_table.assign(**{
-    "AUC [image-cluster bootstrap 95% CI]": report.with_ci(box_table),
+    "AUC [95% CI]": report.with_ci(box_table),
     "clustered DeLong 95% CI": [report.format_ci(1, lo, hi).split(" ", 1)[-1] if np.isfinite(lo) else "not estimable"
                                 for lo, hi in zip(box_table["delong_low"], box_table["delong_high"])],
     "p vs 0.5 (clustered DeLong, BH)": box_table["p_bh"].map(report.format_p)})
-report.publish_table(shown[["encoder", "class", "AUC [image-cluster bootstrap 95% CI]", "clustered DeLong 95% CI",
+report.publish_table(shown[["encoder", "class", "AUC [95% CI]", "clustered DeLong 95% CI",
                             "p vs 0.5 (clustered DeLong, BH)", "n_boxes", "n_images"]].rename(
                          columns={"n_boxes": "lesion boxes", "n_images": "images"}),
                      "tab-chestxdet10-box", output_dir, full=box_table.assign(produced_with=provenance),
-                     note=f"Produced with: {provenance}. Per-stratum AUCs (auc_small, auc_large), z, df and the method "
-                          "of each interval are in the CSV.")
+                     note=f"Produced with: {provenance}. AUC CI: {named(box_table)} over images; clustered DeLong: "
+                          f"{named(box_table, 'delong_method')}. Per-stratum AUCs (auc_small, auc_large), z and df are in "
+                          "the CSV.")
 lo_row, hi_row = box_table.loc[box_table["auc"].idxmin()], box_table.loc[box_table["auc"].idxmax()]
 report.glue_text("num-chestxdet10-box-min", f"{report.format_ci(lo_row['auc'], lo_row['ci_low'], lo_row['ci_high'])} "
                                             f"({lo_row['encoder']}, {lo_row['class']})")
@@ -441,14 +455,15 @@ report.glue_text("num-chestxdet10-box-verdict",
 # :name: fig-chestxdet10-box
 #
 # Box-level `roi_local` AUC (lesion box vs matched control box in the same image) with
-# 95% image-cluster bootstrap CIs, per encoder and class; dashed: chance; dotted: the
+# 95% CIs over images (the procedure is named under {numref}`tab-chestxdet10-box`), per
+# encoder and class; dashed: chance; dotted: the
 # paper's reported floor.
 # ```
 #
 # ```{glue:table} tab-chestxdet10-box
-# Box-level `roi_local` AUC per encoder and class with both 95% CIs (image-cluster
-# bootstrap percentile; clustered DeLong, Obuchowski 1997, t reference) and the clustered
-# DeLong test against 0.5, BH-adjusted over the table.
+# Box-level `roi_local` AUC per encoder and class with both 95% CIs (a bootstrap over
+# images, and the clustered DeLong interval of Obuchowski 1997) and the clustered DeLong
+# test against 0.5, BH-adjusted over the table.
 # ```
 
 # %% [markdown]
