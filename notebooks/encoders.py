@@ -84,8 +84,11 @@ facts = pd.DataFrame([{
 } for key, s in specs.items()])
 
 # %% tags=["remove-cell"]
-report.publish_table(facts[["encoder", "pretraining data", "objective", "licence", "gated", "citation"]],
-                     "tab-encoders-what", output_dir, full=facts)
+# arXiv numbers ("2508.10104") stay in the CSV and on the References page: on the page they read as long decimals
+short = facts.assign(citation=facts["citation"].str.replace(r",?\s*arXiv:\S+", "", regex=True))
+report.publish_table(short[["encoder", "pretraining data", "objective", "licence", "gated", "citation"]],
+                     "tab-encoders-what", output_dir, full=facts,
+                     note="Full references (with arXiv numbers) are on the References page and in the CSV.")
 report.publish_text_table(facts[["encoder", "input (px)", "grid", "token layout", "embedding used as cls", "parameters (M)",
                                  "GFLOPs per image"]].assign(grid=[f"{s.grid[0]}×{s.grid[1]} of {s.patch_size} px"
                                                                    for s in specs.values()]),
