@@ -821,3 +821,222 @@ def collect_reported(figures_dir: str | os.PathLike) -> pd.DataFrame:
             raise ValueError(f"{p}: lacks column(s) {missing}; expected {list(REPORTED_COLUMNS)}")
         frames.append(df[list(REPORTED_COLUMNS)].assign(analysis=p.parent.name))
     return pd.concat(frames, ignore_index=True)
+
+
+# -- box-level pages (ChestX-Det10 strata, box jitter) ---------------------------------------
+#: Line style per box-scale jitter setting in :func:`jitter_figure` (scale sd 0 first: solid).
+SCALE_LINESTYLES: tuple[str, ...] = ("-", "--", ":", "-.")
+#: One grey per size stratum of lesion boxes (the overlap panel of :func:`jitter_figure`), apart from the mode colours.
+STRATUM_COLORS: dict[str, str] = {"small": "0.15", "large": "0.55", "all": "0.75"}
+
+
+def stratum_figure(table: pd.DataFrame, *, modes: Sequence[str] = ("cls", "patch_mean"), col: str = "class",
+                   col_wrap: int = 3, chance: float = 0.5, title: str = "", label: str | None = STAND_IN_LABEL):
+    """AUC of the small and the large stratum per encoder, one panel per ``col`` value (e.g. lesion class).
+
+    ``table``: one row per (``encoder``, ``col``, ``pooling``, ``stratum``) with ``auc``,
+    ``ci_low``, ``ci_high`` (the strata frame of :func:`cxrcore.analysis.image_strata`).
+    Each pooling mode has its colour and marker; the small stratum is drawn hollow, the
+    large one filled, side by side, so the stratum gap reads as the distance between a
+    hollow and a filled point. Rows without a CI get no whisker.
+    """
+    set_style()
+    need = ["encoder", col, "pooling", "stratum", "auc", "ci_low", "ci_high"]
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise ValueError(f"stratum_figure: the table lacks column(s) {missing}; it has {list(table.columns)}")
+    modes = [m for m in order_pooling(modes) if m in set(table["pooling"])]
+    cols = list(dict.fromkeys(table[col]))
+    encoders = order_encoders(table["encoder"])
+    n_x = len(encoders)
+    width = min(PAGE_WIDTH_IN, max(4.2, min(len(cols), col_wrap) * (0.9 + 0.42 * n_x * len(modes)) + 0.8))
+    fig, axes, nrows, ncols = _panel_grid(len(cols), col_wrap, 2.7, width=width, extra_h=1.4)
+    slots = [(m, st) for m in modes for st in ("small", "large")]
+    step = 0.8 / len(slots)
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(cols):
+            ax.axis("off")
+            continue
+        sub = table[table[col] == cols[k]]
+        _auc_axis(ax, chance)
+        for j, (m, st) in enumerate(slots):
+            s = sub[(sub["pooling"] == m) & (sub["stratum"] == st)].drop_duplicates("encoder").set_index("encoder")
+            s = s.reindex(encoders)
+            pos = np.arange(n_x) + (j - (len(slots) - 1) / 2) * step
+            has_ci = s["ci_low"].notna() & s["ci_high"].notna()
+            err = np.vstack([(s["auc"] - s["ci_low"]).where(has_ci, 0).clip(lower=0),
+                             (s["ci_high"] - s["auc"]).where(has_ci, 0).clip(lower=0)])
+            colour = pooling_color(m)
+            ax.errorbar(pos, s["auc"], yerr=err, fmt=POOLING_MARKERS.get(m, "o"), color=colour, capsize=1.5, ms=4.5,
+                        lw=1.1, mfc="white" if st == "small" else colour, mew=1.2)
+        long = n_x > 3
+        ax.set_xticks(np.arange(n_x), encoders, rotation=35 if long else 0, ha="right" if long else "center",
+                      fontsize=8)
+        ax.set_xlim(-0.6, n_x - 0.4)
+        ax.set_title(str(cols[k]), fontsize=9.5)
+    for r in range(nrows):
+        axes[r, 0].set_ylabel("AUC vs all negatives\n(95% CI)")
+    handles = [plt.Line2D([], [], color=pooling_color(m), marker=POOLING_MARKERS.get(m, "o"), ls="none", ms=5.5,
+                          mfc="white" if st == "small" else pooling_color(m), mew=1.2) for m, st in slots]
+    fig.legend(handles, [f"{m}, {st}" for m, st in slots], title="pooling, stratum (hollow: small)",
+               loc="outside lower center", ncol=min(len(slots), 4), frameon=False, title_fontsize=8.5)
+    _label_title(fig, title, label)
+    return fig
+
+
+def jitter_figure(table: pd.DataFrame, overlap: pd.DataFrame | None = None, *, x_label: str = "jitter sigma (px)",
+                  col_wrap: int = 3, chance: float = 0.5, title: str = "", label: str | None = STAND_IN_LABEL):
+    """``roi_local`` AUC against box-jitter sigma, one panel per encoder, one line per scale setting, CI bands.
+
+    ``table``: one row per (``encoder``, ``sigma_px``, ``scale_sigma``) with ``auc``,
+    ``ci_low``, ``ci_high`` (:func:`cxrcore.analysis.jitter_probes`' ``table``). With
+    ``overlap`` (its ``overlap`` frame: ``sigma_px``, ``scale_sigma``, ``stratum``,
+    ``still_overlapping``) a last panel shows the share of jittered lesion boxes that still
+    overlap their lesion, per size stratum, on the same sigma axis (0 to 1, not an AUC).
+    """
+    set_style()
+    need = ["encoder", "sigma_px", "scale_sigma", "auc", "ci_low", "ci_high"]
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise ValueError(f"jitter_figure: the table lacks column(s) {missing}; it has {list(table.columns)}")
+    encoders = order_encoders(table["encoder"])
+    scales = sorted(table["scale_sigma"].unique())
+    if len(scales) > len(SCALE_LINESTYLES):
+        raise ValueError(f"jitter_figure draws at most {len(SCALE_LINESTYLES)} scale settings; got {scales}")
+    n = len(encoders) + (overlap is not None)
+    fig, axes, nrows, ncols = _panel_grid(n, col_wrap, 2.5, extra_h=1.5)
+    colour = pooling_color("roi_local")
+    xs = np.sort(table["sigma_px"].unique().astype(float))
+    for k, ax in enumerate(axes.ravel()):
+        if k >= n:
+            ax.axis("off")
+            continue
+        if k < len(encoders):
+            sub = table[table["encoder"] == encoders[k]]
+            _auc_axis(ax, chance)
+            for scale, ls in zip(scales, SCALE_LINESTYLES):
+                s = sub[sub["scale_sigma"] == scale].sort_values("sigma_px")
+                ax.fill_between(s["sigma_px"], s["ci_low"], s["ci_high"], color=colour, alpha=0.12, lw=0)
+                ax.plot(s["sigma_px"], s["auc"], ls, marker=POOLING_MARKERS["roi_local"], color=colour, lw=1.4, ms=4)
+            ax.set_title(encoders[k], fontsize=9.5)
+        else:
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+            for st in [s for s in ("small", "large", "all") if s in set(overlap["stratum"])]:
+                for scale, ls in zip(scales, SCALE_LINESTYLES):
+                    o = overlap[(overlap["stratum"] == st) & (overlap["scale_sigma"] == scale)].sort_values("sigma_px")
+                    ax.plot(o["sigma_px"], o["still_overlapping"], ls, marker="o", ms=3.5, lw=1.3,
+                            color=STRATUM_COLORS[st])
+            ax.set_title("lesion boxes still on their lesion", fontsize=9.5)
+            ax.set_ylabel("share", fontsize=9)
+            ax.tick_params(labelleft=True)
+        ax.set_xticks(xs, [f"{v:g}" for v in xs], fontsize=8)
+        ax.set_xlabel(x_label, fontsize=8.5)
+    for r in range(nrows):
+        axes[r, 0].set_ylabel("AUC, lesion vs control\n(95% CI)")
+    handles = [plt.Line2D([], [], color=colour, ls=ls, lw=1.4) for _, ls in zip(scales, SCALE_LINESTYLES)]
+    names = [f"roi_local, scale sd {s:g}" for s in scales]
+    if overlap is not None:
+        strata = [s for s in ("small", "large", "all") if s in set(overlap["stratum"])]
+        handles += [plt.Line2D([], [], color=STRATUM_COLORS[s], marker="o", ms=4, lw=1.3) for s in strata]
+        names += [f"overlap, {s} boxes" for s in strata]
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 3), frameon=False)
+    _label_title(fig, title, label)
+    return fig
+
+
+def reference_line(fig, y: float, text: str, *, axes: Sequence | None = None) -> None:
+    """A horizontal line (e.g. a value the paper reports) on every AUC panel of ``fig``, labelled once.
+
+    Drawn dotted in dark grey, apart from the chance line; ``text`` sits above the line at the
+    left edge of the first panel only (the same line on every panel needs one label).
+    ``axes``: the panels to mark (default: every visible panel with a title).
+    """
+    targets = axes if axes is not None else [a for a in fig.axes if a.get_visible() and a.axison and a.get_title()]
+    for k, ax in enumerate(targets):
+        ax.axhline(y, color="0.25", ls=":", lw=1.1, zorder=1)
+        if k == 0:
+            note = ax.annotate(text, xy=(0.02, y), xycoords=("axes fraction", "data"), xytext=(0, 2),
+                               textcoords="offset points", fontsize=7, color="0.25", va="bottom", annotation_clip=False)
+            note.set_in_layout(False)  # a label wider than a narrow panel must not squeeze the layout
+
+
+class _TextColumnsTable(GluedTable):
+    """A :class:`GluedTable` whose ``text_columns`` are left-aligned even where a value starts with a digit."""
+
+    def __init__(self, *args, text_columns: Sequence[str] = ()):
+        super().__init__(*args)
+        self.text_columns = set(text_columns)
+
+    def _repr_markdown_(self) -> str:
+        lines = super()._repr_markdown_().split("\n")
+        lines[1] = "|" + "|".join(":---" if c in self.text_columns or self.shown[c].map(_is_texty).all() else "---:"
+                                  for c in self.shown.columns) + "|"
+        return "\n".join(lines)
+
+
+def publish_text_table(df: pd.DataFrame, key: str, output_dir: str | os.PathLike, *, text_columns: Sequence[str],
+                       floatfmt: str = "{:.3f}", full: pd.DataFrame | None = None, max_columns: int = 8,
+                       max_rows: int = 40, note: str = "") -> None:
+    """:func:`publish_table` for tables of prose: ``text_columns`` read left-aligned.
+
+    :func:`publish_table` right-aligns a column whose values start with a digit (numbers, CIs);
+    a column of sentences where one starts with a number ("518: the published processor ...",
+    "7x7 layer4 cells ...") would be right-aligned too, which reads badly. Returns None.
+    """
+    missing = [c for c in text_columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"publish_text_table: text_columns {missing} are not columns of the table {list(df.columns)}")
+    output_dir = Path(output_dir)
+    csv = save_table(df if full is None else full, key, output_dir)
+    full_flat = _flat(df if full is None else full)
+    shown, notes = table_for_page(df, floatfmt=floatfmt, max_columns=max_columns, max_rows=max_rows, note=note)
+    glue(key, _TextColumnsTable(shown, notes, _page_relative(csv, output_dir), *full_flat.shape,
+                                text_columns=[c for c in text_columns if c in shown.columns]), display=False)
+
+
+def audit_grid_figure(results: Mapping, *, series: str | None = None, threshold: float = 0.75, col_wrap: int = 3,
+                      title: str = "", label: str | None = STAND_IN_LABEL):
+    """Several encoders' audit curves side by side: one panel per encoder for one series of the sweep.
+
+    ``results``: encoder key -> :class:`cxrcore.audit.AuditResult`. Each panel is
+    :func:`cxrcore.audit.dilution_figure` for that encoder (AUC per pooling mode against
+    footprint in px and patches, the mean-pooling expectation dashed with its band, the
+    detection threshold dotted, red crosses where ``cls`` falls below the expectation).
+    ``series``: which series (a kind at one strength; default: the first of the sweep).
+    Panels wrap ``col_wrap`` to a row, encoders in :data:`ENCODER_ORDER`, one legend below.
+    """
+    from .audit import dilution_figure as audit_panel
+
+    set_style()
+    keys = order_encoders(results)
+    if not keys:
+        raise ValueError("audit_grid_figure: no audit results to draw")
+    first = results[keys[0]].auc
+    series = series or first["series"].iloc[0]
+    missing = [k for k in keys if series not in set(results[k].auc["series"])]
+    if missing:
+        raise ValueError(f"audit_grid_figure: series {series!r} is not in the audits of {missing}; "
+                         f"series there: {sorted(set(first['series']))}")
+    ncols = max(1, min(len(keys), col_wrap))
+    nrows = int(np.ceil(len(keys) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_WIDTH_IN, 2.5 * nrows + 1.3), sharey=True, squeeze=False,
+                             layout="constrained")
+    handles: dict[str, object] = {}
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(keys):
+            ax.axis("off")
+            continue
+        r = results[keys[k]]
+        audit_panel(r.auc[r.auc["series"] == series], r.dilution[r.dilution["series"] == series], threshold=threshold,
+                    axes=[ax])
+        ax.set_title(keys[k], fontsize=9.5)
+        ax.set_ylabel("AUC (95% CI)" if k % ncols == 0 else "")
+        if k // ncols < nrows - 1 and k + ncols < len(keys):
+            ax.set_xlabel("")
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 3),
+               frameon=False, fontsize=8)
+    _label_title(fig, "\n".join(t for t in (title, series) if t), label)
+    return fig

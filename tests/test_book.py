@@ -168,12 +168,23 @@ def _glued_keys(nb_path: Path) -> set[str]:
     return keys
 
 
+def _glue_key(ref: str) -> str:
+    """The key a glue reference names: ``key``, ``key:format`` or, from another page, ``path::key:format``."""
+    key = ref.split("::", 1)[-1]
+    return key.rsplit(":", 1)[0] if ":" in key else key
+
+
 def _referenced_keys() -> set[str]:
     keys = set()
     for md in (ROOT / "book").rglob("*.md"):
         for a, b in GLUE_REF.findall(md.read_text()):
-            keys.add(a or b)
+            keys.add(_glue_key(a or b))
     return keys
+
+
+def test_glue_references_across_pages_name_their_key():
+    assert _glue_key("num-x-auc") == "num-x-auc" and _glue_key("num-x-auc:.3f") == "num-x-auc"
+    assert _glue_key("_generated/encoders.ipynb::num-encoders-gpuh-total:s") == "num-encoders-gpuh-total"
 
 
 @pytest.mark.book

@@ -80,3 +80,19 @@ def test_exercise_version_drops_every_solution(tmp_path):
     # the original is untouched and the rest of the notebook is kept
     assert sum("solution" in c.metadata.get("tags", []) for c in nb.cells) == n_solutions
     assert len(ex.cells) == len(nb.cells)
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("chestxdet10", {"readouts": ["max_pool"]}, "readouts ['max_pool']: accepted are"),
+    ("chestxdet10", {"encoders": ["rad-dino"], "readout_encoders": ["biomedclip"]}, "share no encoder"),
+    ("chestxdet10", {"cohort": "nih"}, "unknown cohort 'nih'"),
+    ("box_jitter", {"sigmas_px": [5, 10]}, "that include 0"),
+    ("audit", {"sweep": "fast"}, "sweep='fast': accepted are"),
+    ("encoders", {"achieved_tflops": -1.0}, "achieved_tflops=-1.0: accepted are"),
+])
+def test_box_pages_refuse_a_bad_parameter_before_any_work(name, bad, message, tmp_path):
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        pm.execute_notebook(str(_to_ipynb(ROOT / "notebooks" / f"{name}.py", tmp_path)), str(tmp_path / "out.ipynb"),
+                            parameters=bad, kernel_name="python3", cwd=str(ROOT), progress_bar=False)
+    assert message in str(err.value)
+    assert err.value.cell_index <= 4, "a wrong parameter must stop before any work is done"

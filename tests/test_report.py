@@ -283,3 +283,96 @@ def test_an_empty_table_still_renders_and_says_none():
     shown, notes = report.table_for_page(empty)
     md = report.GluedTable(shown, notes, "t.csv", 0, 2)._repr_markdown_()
     assert md.splitlines()[:3] == ["| reason | count |", "|:---|:---|", "| none |  |"]
+
+
+# -- box-level pages (ChestX-Det10 strata, box jitter) ---------------------------------------
+def _strata_table(encoders=("dino-resnet50", "rad-dino"), classes=("Nodule", "Mass")):
+    rows = []
+    for e in encoders:
+        for c in classes:
+            for m in ("cls", "patch_mean"):
+                for st, a in (("small", 0.208), ("large", 0.9)):
+                    rows.append({"encoder": e, "class": c, "pooling": m, "stratum": st, "auc": a,
+                                 "ci_low": a - 0.1, "ci_high": min(1.0, a + 0.05)})
+    return pd.DataFrame(rows)
+
+
+def test_stratum_figure_draws_small_hollow_and_large_filled_on_zero_to_one():
+    fig = report.stratum_figure(_strata_table())
+    panels = [a for a in fig.axes if a.get_title()]
+    assert [a.get_title() for a in panels] == ["Nodule", "Mass"]
+    for ax in panels:
+        lo, hi = ax.get_ylim()
+        assert lo <= 0 and hi >= 1
+        assert any(np.allclose(line.get_ydata(), 0.5) for line in ax.lines)  # chance line
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["rad-dino", "dino-resnet50"]
+        points = [line for line in ax.lines if line.get_marker() in (report.POOLING_MARKERS["cls"],
+                                                                     report.POOLING_MARKERS["patch_mean"])]
+        hollow = [line for line in points if line.get_markerfacecolor() in ("white", "w", (1.0, 1.0, 1.0, 1.0))]
+        assert len(points) == 4 and len(hollow) == 2
+        assert all(np.allclose(line.get_ydata(), 0.208) for line in hollow)
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == ["cls, small", "cls, large", "patch_mean, small", "patch_mean, large"]
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert not any(legend.overlaps(a.get_window_extent()) for a in panels), "the legend covers a panel"
+    assert fig.get_figwidth() <= report.PAGE_WIDTH_IN + 1e-9
+    plt.close(fig)
+    with pytest.raises(ValueError, match="stratum"):
+        report.stratum_figure(_strata_table().drop(columns="stratum"))
+
+
+def test_jitter_figure_one_panel_per_encoder_and_the_overlap_panel():
+    rows, over = [], []
+    for e in ("dino-resnet50", "rad-dino"):
+        for scale in (0.0, 0.2):
+            for s in (0, 5, 10, 20):
+                a = 0.9 - 0.02 * s - scale
+                rows.append({"encoder": e, "sigma_px": s, "scale_sigma": scale, "auc": a, "ci_low": a - 0.1,
+                             "ci_high": a + 0.05})
+    for st in ("all", "small", "large"):
+        for scale in (0.0, 0.2):
+            for s in (0, 5, 10, 20):
+                over.append({"sigma_px": s, "scale_sigma": scale, "stratum": st, "still_overlapping": 1 - 0.03 * s})
+    fig = report.jitter_figure(pd.DataFrame(rows), pd.DataFrame(over))
+    panels = [a for a in fig.axes if a.get_title()]
+    assert [a.get_title() for a in panels] == ["rad-dino", "dino-resnet50", "lesion boxes still on their lesion"]
+    for ax in panels[:2]:
+        lo, hi = ax.get_ylim()
+        assert lo <= 0 and hi >= 1
+        curves = [line for line in ax.lines if len(line.get_xdata()) == 4]
+        assert [line.get_linestyle() for line in curves] == ["-", "--"]
+        assert {matplotlib.colors.to_hex(line.get_color()).upper() for line in curves} == {report.POOLING_COLORS["roi_local"].upper()}
+        assert len(ax.collections) == 2  # one CI band per scale setting
+    assert len([line for line in panels[2].lines if len(line.get_xdata()) == 4]) == 6
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts[:2] == ["roi_local, scale sd 0", "roi_local, scale sd 0.2"] and "overlap, small boxes" in texts
+    plt.close(fig)
+    with pytest.raises(ValueError, match="sigma_px"):
+        report.jitter_figure(pd.DataFrame(rows).drop(columns="sigma_px"))
+
+
+def test_reference_line_marks_every_panel_with_its_label():
+    fig = report.auc_by_pooling_figure(_auc_table(["rad-dino", "biomedclip"]), x="encoder", col="encoder")
+    report.reference_line(fig, 0.899, "reported (paper): 0.899")
+    panels = [a for a in fig.axes if a.get_title()]
+    for ax in panels:
+        assert any(np.allclose(line.get_ydata(), 0.899) for line in ax.lines)
+    labels = [t.get_text() for ax in panels for t in ax.texts]
+    assert labels == ["reported (paper): 0.899"]  # one label for the one line
+    plt.close(fig)
+
+
+def test_text_columns_read_left_aligned_even_when_a_sentence_starts_with_a_digit(tmp_path, monkeypatch):
+    glued = {}
+    monkeypatch.setattr(report, "glue", lambda key, value, display=False: glued.__setitem__(key, value))
+    df = pd.DataFrame({"encoder": ["rad-dino", "dino-resnet50"], "input": ["518: the published processor", "224: DINO's"],
+                       "token layout": ["[CLS, 37x37 patch tokens]", "7x7 layer4 cells"], "GFLOPs": [303.1, 8.2]})
+    report.publish_table(df, "tab-x-plain", tmp_path)
+    report.publish_text_table(df, "tab-x-text", tmp_path, text_columns=["input", "token layout"])
+    assert glued["tab-x-plain"]._repr_markdown_().splitlines()[1] == "|:---|---:|---:|---:|"
+    assert glued["tab-x-text"]._repr_markdown_().splitlines()[1] == "|:---|:---|:---|---:|"
+    assert glued["tab-x-text"]._repr_markdown_().splitlines()[2:4] == glued["tab-x-plain"]._repr_markdown_().splitlines()[2:4]
+    assert pd.read_csv(tmp_path / "tab-x-text.csv").equals(df)
+    with pytest.raises(ValueError, match="text_columns"):
+        report.publish_text_table(df, "tab-x-bad", tmp_path, text_columns=["nope"])
