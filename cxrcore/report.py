@@ -224,10 +224,16 @@ def show_figure(fig, key: str, output_dir: str | os.PathLike) -> None:
 # -- numbers in words ----------------------------------------------------------------------
 def format_p(p: float, *, prefix: bool = False) -> str:
     """A p-value for reading, by :func:`cxrcore.stats.format_p` (two significant digits, "< 1e-16" in the far
-    tail, "not estimable" for NaN); ``prefix`` gives ``p = 0.0067`` / ``p < 1e-16`` for prose."""
+    tail, "not estimable" for NaN); ``prefix`` gives ``p = 0.0067`` / ``p < 1e-16`` for prose.
+
+    Between 1e-4 and 1e-3 two significant digits need five decimals ("0.00076"); there, as for
+    every small number in the book's tables, the page shows them in scientific notation ("7.6e-04").
+    """
     if p is None:
         p = float("nan")
     text = stats.format_p(p)
+    if re.fullmatch(r"0\.\d{5,}", text):
+        text = f"{float(p):.1e}"
     if not prefix or text == "not estimable":
         return text
     return f"p {text}" if text.startswith("<") else f"p = {text}"

@@ -140,6 +140,9 @@ def test_numbers_for_prose(monkeypatch):
         report.glue_text("fig-x-auc", 0.5)
     assert report.format_p(0.15) == "0.15" and report.format_p(0.0067, prefix=True) == "p = 0.0067"
     assert report.format_p(1e-300, prefix=True) == "p < 1e-16" and report.format_p(float("nan")) == "not estimable"
+    # never more than four decimals on a page: 0.00076 reads as the book's other small numbers do
+    assert report.format_p(0.00076) == "7.6e-04" and report.format_p(0.0001) == "0.0001"
+    assert report.format_p(0.00012, prefix=True) == "p = 1.2e-04" and report.format_p(3e-7) == "3e-07"
     assert report.format_ci(0.77412, 0.713, 0.8371) == "0.774 [0.713, 0.837]"
 
 
