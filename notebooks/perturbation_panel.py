@@ -331,6 +331,8 @@ within = within_pair_table(oof.assign(pair=oof["image_id"]), modes, "pair", by=[
 report.glue_text("num-perturbation-within-ci", report.describe_methods(within))
 both = within.merge(table[["encoder", "cell", "pooling", "auc", "ci_low", "ci_high"]], on=["encoder", "cell", "pooling"],
                     suffixes=("_within", ""))
+both = both.sort_values(["encoder", "cell"], key=lambda s: s.map(enc_order if s.name == "encoder" else cell_order),
+                        kind="stable").reset_index(drop=True)
 both["pooled"] = report.with_ci(both)
 both["within-pair"] = report.with_ci(both, est="within_pair_auc", lo="ci_low_within", hi="ci_high_within")
 at_focus = both[both["cell"] == focus["cell"]]
@@ -602,7 +604,7 @@ report.glue_markdown("num-perturbation-within", (
 report.glue_markdown("num-perturbation-within-verdict", (
     f"In this run, at {focus['footprint_px']:g} px, the within-pair AUC of `cls` lies above its pooled AUC (lower 95% "
     f"bound above the pooled upper bound) for {len(seen)} of {len(cls_w)} encoders"
-    + (f" ({', '.join(seen.index)}): for them the change reaches `cls` in nearly every pair and is lost only "
+    + (f" ({', '.join(e for e in encoders if e in seen.index)}): for them the change reaches `cls` in nearly every pair and is lost only "
        "against the variation between images." if len(seen) else ".")))
 report.glue_markdown("num-perturbation-readout-encoders", (
     f"readouts fitted for {', '.join(readout_encoders)} (`readout_encoders`)" if readouts else "readouts not run"))
