@@ -44,8 +44,8 @@ SMOKE_OUT = ROOT / "_smoke"
 BANNER = ("Numbers on these pages come from a synthetic phantom cohort and/or random-weight stand-in "
           "encoders, computed by the build that rendered them; they are not the paper's results. "
           "Each figure and table says how it was produced.")
-SMOKE_BANNER = ("SMOKE BUILD (tests only): tiny cohorts, two encoders, a three-cell panel and few bootstrap "
-                "replicates. This is not the book; build the book with: make book. ")
+SMOKE_BANNER = ("SMOKE BUILD (tests only): tiny cohorts, two encoders per chapter, reduced panels and few "
+                "bootstrap replicates. This is not the book; build the book with: make book. ")
 REPOSITORY = "https://github.com/cxrcore/cxrcore"
 
 # The first cell of every notebook a reader launches: Colab has no cxrcore; Binder and the

@@ -163,6 +163,23 @@ def glue_text(key: str, value, fmt: str = "{}") -> None:
     glue(key, str(text), display=False)
 
 
+
+def glue_markdown(key: str, text: str) -> None:
+    """Glue a sentence written in Markdown (code spans, emphasis) under a ``num-...`` key, for ``{glue:md}`key```.
+
+    For prose whose wording, not only its numbers, follows the run (what a result means
+    depends on which way it came out). Roles such as ``{numref}`` are not resolved inside
+    it: keep them in the page's own text around the glued sentence.
+    """
+    if not check_key(key).startswith("num-"):
+        raise ValueError(f"glue_markdown key {key!r} must start with 'num-' (figures are 'fig-...', tables 'tab-...')")
+    try:
+        from IPython.display import Markdown
+    except ImportError:  # outside a notebook kernel there is nothing to glue into
+        return
+    glue(key, Markdown(str(text)), display=False)
+
+
 def _png_in_notebooks() -> None:
     """Make IPython render figures as PNG: under the Agg backend it registers no formatter,
     and a glued figure without a PNG shows nothing in the book."""
@@ -207,10 +224,16 @@ def show_figure(fig, key: str, output_dir: str | os.PathLike) -> None:
 # -- numbers in words ----------------------------------------------------------------------
 def format_p(p: float, *, prefix: bool = False) -> str:
     """A p-value for reading, by :func:`cxrcore.stats.format_p` (two significant digits, "< 1e-16" in the far
-    tail, "not estimable" for NaN); ``prefix`` gives ``p = 0.0067`` / ``p < 1e-16`` for prose."""
+    tail, "not estimable" for NaN); ``prefix`` gives ``p = 0.0067`` / ``p < 1e-16`` for prose.
+
+    Between 1e-4 and 1e-3 two significant digits need five decimals ("0.00076"); there, as for
+    every small number in the book's tables, the page shows them in scientific notation ("7.6e-04").
+    """
     if p is None:
         p = float("nan")
     text = stats.format_p(p)
+    if re.fullmatch(r"0\.\d{5,}", text):
+        text = f"{float(p):.1e}"
     if not prefix or text == "not estimable":
         return text
     return f"p {text}" if text.startswith("<") else f"p = {text}"
@@ -230,6 +253,67 @@ def with_ci(df: pd.DataFrame, est: str = "auc", lo: str = "ci_low", hi: str = "c
     if not len(df):
         return pd.Series([], dtype=str)
     return pd.Series([format_ci(r[est], r[lo], r[hi], fmt) for _, r in df.iterrows()], index=df.index, dtype=str)
+
+
+
+def format_range(values, fmt: str = "{:.3f}", *, signed: bool = False) -> str:
+    """'0.500 to 0.524' for the smallest and largest of ``values`` (one value if they agree; 'none' if empty).
+
+    NaNs are ignored; ``signed`` writes a sign on both ends ('+0.412 to +0.488'), as
+    differences are written in the book.
+    """
+    v = pd.Series(values, dtype=float).dropna()
+    if v.empty:
+        return "none"
+    f = (lambda x: ("+" if x >= 0 else "") + fmt.format(x)) if signed else fmt.format
+    lo, hi = f(float(v.min())), f(float(v.max()))
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+#: The words for each procedure a ``cxrcore.stats`` table names in its method column, for captions and prose.
+#: A code not listed here is shown as it is (so a new procedure is never described as an old one).
+METHOD_WORDS: dict[str, str] = {
+    "percentile": "bootstrap percentile interval (patients resampled where a patient has several rows)",
+    "cluster_percentile": "patient-cluster bootstrap, percentile interval",
+    "bca": "bootstrap BCa interval (Efron 1987)",
+    "score": "score interval of the AUC (Newcombe 2006, method 5)",
+    "score_clustered": "score interval of the AUC widened by Obuchowski's clustered design effect, t reference "
+                       "(df capped at patients - 1)",
+    "delong": "DeLong's test (DeLong et al. 1988), normal reference",
+    "delong_clustered": "DeLong's test clustered by patient (Obuchowski 1997), t reference (Satterthwaite df, "
+                        "capped at patients - 1)",
+    "paired_swap": "exact paired-swap permutation test on the scores' ranks (Bandos et al. 2005), no interval "
+                   "(variance of the difference 0)",
+    "wilson": "Wilson interval (Wilson 1927)",
+    "wilson_design_effect": "Wilson interval on the design-effect effective number of pairs, t-corrected "
+                            "(Korn and Graubard 1998)",
+    "none": "no interval (not estimable)",
+}
+_METHOD_COLUMNS = ("ci_method", "method", "diff_method")
+
+
+def describe_methods(table: "pd.DataFrame | pd.Series | Sequence[str]", column: str | None = None) -> str:
+    """The procedures a statistics table used, in words, most frequent first, with row counts where several.
+
+    ``table``: a frame returned by :mod:`cxrcore.stats` (its ``column``, default the first
+    of ``ci_method``, ``method``, ``diff_method`` it has) or the method codes themselves.
+    Words come from :data:`METHOD_WORDS`; an unknown code is shown as it is, in backticks.
+    """
+    if isinstance(table, pd.DataFrame):
+        col = column or next((c for c in _METHOD_COLUMNS if c in table.columns), None)
+        if col is None:
+            raise ValueError(f"describe_methods: the table has none of the columns {list(_METHOD_COLUMNS)}; "
+                             f"it has {list(table.columns)}")
+        codes = table[col]
+    else:
+        codes = pd.Series(list(table), dtype=object)
+    counts = codes.dropna().astype(str).loc[lambda s: s != ""].value_counts(sort=True)
+    if counts.empty:
+        return "none"
+    words = [METHOD_WORDS.get(c, f"`{c}`") for c in counts.index]
+    if len(words) == 1:
+        return words[0]
+    return "; ".join(f"{w} ({n} rows)" for w, n in zip(words, counts.tolist()))
 
 
 # -- tables for reading --------------------------------------------------------------------
@@ -368,6 +452,16 @@ def _page_relative(path: Path, output_dir: Path) -> str:
     (CXRCORE_PAGE_DIR); otherwise pages sit two levels above their outputs (``figures/<notebook>/``)."""
     page_dir = os.environ.get("CXRCORE_PAGE_DIR") or str(output_dir.resolve().parent.parent)
     return Path(os.path.relpath(path.resolve(), Path(page_dir).resolve())).as_posix()
+
+
+
+def page_path(path: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+    """``path`` as a link target on the page that shows ``output_dir``'s figures (for ``[text](path:...)`` links).
+
+    The same rule the tables' CSV links follow: where book/build.py says pages land, else
+    two levels above ``output_dir``.
+    """
+    return _page_relative(Path(path), Path(output_dir))
 
 
 def table_for_page(df: pd.DataFrame, *, floatfmt: str = "{:.3f}", max_columns: int = 8, max_rows: int = 40,
@@ -535,14 +629,45 @@ def auc_by_pooling_figure(table: pd.DataFrame, *, x: str = "encoder", col: str |
     return fig
 
 
-def patches_per_px(encoder, image_hw: tuple[int, int]) -> float:
+def patches_per_px(encoder, image_hw: tuple[int, int] | None = None) -> float:
     """Token-grid cells per original-image pixel for ``encoder`` on images of ``image_hw``.
 
     Multiply a footprint in pixels by this to get it in patches (the width of one ViT
-    patch, or one cell of a CNN's output grid, in the model's input).
+    patch, or one cell of a CNN's output grid, in the model's input). ``encoder`` may
+    also be a :class:`~cxrcore.geometry.Geometry` (or its JSON, as a store's ``geometry``
+    column holds it): the geometry of one image, so no model needs loading.
     """
-    g = encoder.geometry_for(tuple(image_hw))
+    from .geometry import Geometry
+
+    if isinstance(encoder, str):
+        from .store import geometry_from_json
+
+        encoder = geometry_from_json(encoder)
+    g = encoder if isinstance(encoder, Geometry) else encoder.geometry_for(tuple(image_hw))
     return float(g.scale_x) / float(g.stride)
+
+
+def footprint_sweep(cells: pd.DataFrame, kind: str = "nodule") -> pd.DataFrame:
+    """The footprint sweep of a panel: the cells of one ``kind`` and strength that run over the most footprints.
+
+    ``cells``: :meth:`cxrcore.perturb.Panel.table` (``cell``, ``kind``, ``footprint_px``,
+    ``strength`` and the cell's other parameters). Returns those rows sorted by footprint
+    (a series with a single footprint if the panel has no sweep; empty without ``kind``).
+    Ties go to the series declared first. The dilution curve is drawn along it.
+    """
+    need = ["cell", "kind", "footprint_px", "strength"]
+    missing = [c for c in need if c not in cells.columns]
+    if missing:
+        raise ValueError(f"footprint_sweep: the cell table lacks column(s) {missing}; it has {list(cells.columns)}")
+    sub = cells[cells["kind"] == kind]
+    if sub.empty:
+        return sub.copy()
+    params = [c for c in sub.columns if c not in ("cell", "footprint_px", "strength_name")]
+    # one series per (strength, other parameters), numbered in the order declared (NaN parameters group too)
+    series = sub.groupby(params, dropna=False, sort=False).ngroup()
+    n = sub.groupby(series, sort=False)["footprint_px"].nunique()
+    best = n.index[int(np.argmax(n.to_numpy()))]
+    return sub[series == best].sort_values("footprint_px").reset_index(drop=True)
 
 
 def dilution_figure(table: pd.DataFrame, *, patches_per_px: Mapping[str, float] | None = None, col_wrap: int = 3,
@@ -658,7 +783,7 @@ def patch_grid_figure(image: np.ndarray, geometry, box, *, title: str = "", zoom
     import torch
 
     set_style()
-    x = geometry.apply(torch.from_numpy(np.asarray(image, np.float32))[None], "bilinear")[0].numpy()
+    x = geometry.apply(torch.from_numpy(np.array(image, np.float32))[None], "bilinear")[0].numpy()  # a copy: cached images are read-only
     gh, gw = geometry.grid
     s = geometry.stride
     r0, r1, c0, c1 = geometry.cells(box)
@@ -796,12 +921,31 @@ def _check_one_build(paths: Sequence[Path]) -> None:
 
 
 def collect_summaries(figures_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every analysis's ``summary.csv`` under ``figures_dir``, concatenated (all from one build)."""
+    """Every analysis's ``summary.csv`` under ``figures_dir``, concatenated (all from one build).
+
+    The rows keep :data:`SUMMARY_COLUMNS`, plus ``chapter``: the notebook that wrote them
+    (its output folder's name, e.g. ``perturbation_panel``).
+    """
     paths = sorted(Path(figures_dir).glob(f"*/{SUMMARY_FILE}"))
     if not paths:
         raise FileNotFoundError(f"no {SUMMARY_FILE} under {figures_dir}: run the analysis notebooks first")
     _check_one_build(paths)
-    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    return pd.concat([pd.read_csv(p).assign(chapter=p.parent.name) for p in paths], ignore_index=True)
+
+
+
+def read_published(figures_dir: str | os.PathLike, key: str) -> pd.DataFrame:
+    """The full table another chapter of this build published as ``<figures_dir>/<chapter>/<key>.csv``.
+
+    For pages that collect (the summary): exactly one chapter must have written ``key``,
+    and it must come from the same build as the other chapters' summaries.
+    """
+    paths = sorted(Path(figures_dir).glob(f"*/{check_key(key)}.csv"))
+    if len(paths) != 1:
+        raise FileNotFoundError(f"{key}.csv: expected it under one chapter's folder of {figures_dir}, found "
+                                f"{[str(p) for p in paths] or 'none'}; run the chapter that publishes it first")
+    _check_one_build(paths + sorted(Path(figures_dir).glob(f"*/{SUMMARY_FILE}")))
+    return pd.read_csv(paths[0])
 
 
 REPORTED_COLUMNS = ("quantity", "reported (paper)", "ours (this build)", "ours produced with")

@@ -89,14 +89,6 @@ if len(scale_sigmas) > len(report.SCALE_LINESTYLES):
 encoders = report.order_encoders(encoders)
 
 
-WORDS = {"percentile": "bootstrap percentile", "wald": "Wald with Obuchowski's variance and a t reference",
-         "exact_pairs": "exact (Clopper-Pearson) where the variance is 0"}
-
-
-def named(df: pd.DataFrame, col: str = "ci_method") -> str:
-    """The procedures a table's intervals came from, in words, from the column cxrcore.analysis names them in."""
-    found = sorted(set(df[col].dropna().astype(str)) - {""}) if col in df else []
-    return "; ".join(WORDS.get(m, m) for m in found) or "not named"
 
 # %% [markdown]
 # ## Lesion boxes and their matched controls
@@ -199,7 +191,7 @@ shown = shown.reset_index(drop=True).assign(scale_sigma=shown["scale_sigma"].map
 report.publish_table(shown[["encoder", "sigma (px)", "scale sd", "AUC [95% CI]", "AUC small",
                             "AUC large", "still on the lesion"]], "tab-boxjitter-auc", output_dir,
                      full=table.assign(produced_with=provenance),
-                     note=f"Produced with: {provenance}. AUC CI: {named(table)} over images. Sigma in px of a "
+                     note=f"Produced with: {provenance}. AUC CI: {report.describe_methods(table, "ci_method")} over images. Sigma in px of a "
                           f"{sigma_at_side}-px image; this cohort's "
                           f"images are {side} px. AUC small / large: the lesion boxes of one size stratum against "
                           "their controls (no CI).")

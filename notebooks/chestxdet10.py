@@ -116,14 +116,6 @@ if readouts and not set(readout_encoders) & set(encoders):
 encoders = report.order_encoders(encoders)
 
 
-WORDS = {"percentile": "bootstrap percentile", "wald": "Wald with Obuchowski's variance and a t reference",
-         "exact_pairs": "exact (Clopper-Pearson) where the variance is 0"}
-
-
-def named(df: pd.DataFrame, col: str = "ci_method") -> str:
-    """The procedures a table's intervals came from, in words, from the column cxrcore.analysis names them in."""
-    found = sorted(set(df[col].dropna().astype(str)) - {""}) if col in df else []
-    return "; ".join(WORDS.get(m, m) for m in found) or "not named"
 
 
 readout_encoders = [k for k in encoders if k in readout_encoders] if readouts else []
@@ -333,9 +325,8 @@ for enc, c in gaps.reset_index()[keys].drop_duplicates().itertuples(index=False)
     r["positives small / large"] = f"{int(by_st.loc[(enc, c, 'cls', 'small'), 'n_pos'])} / {int(by_st.loc[(enc, c, 'cls', 'large'), 'n_pos'])}"
     rows.append(r)
 report.publish_table(pd.DataFrame(rows), "tab-chestxdet10-strata", output_dir, full=strata,
-                     note=f"Produced with: {provenance}. AUC CIs: {named(image.aucs)} (resampling patients where a "
-                          "patient has several images); gap CIs: " + (named(strata, "gap_method") if "gap_method" in strata
-                          else "joint bootstrap over the shared negatives") + ".")
+                     note=f"Produced with: {provenance}. AUC CIs: {report.describe_methods(image.aucs, "ci_method")} (resampling patients where a "
+                          "patient has several images); gap CIs: " + report.describe_methods(strata, "gap_method") + ".")
 
 cls_gaps = gaps.xs("cls", level="pooling").reset_index()
 top = cls_gaps.loc[cls_gaps["gap"].idxmax()] if cls_gaps["gap"].notna().any() else None
@@ -394,10 +385,10 @@ else:
 # the control's box was excluded are left out (counted at the end). Both CIs treat the
 # image as the unit (a lesion and its control are resampled together), and each
 # procedure is named under {numref}`tab-chestxdet10-box`: a bootstrap interval over
-# images, and the clustered DeLong interval (Obuchowski's 1997 variance with a t
-# reference; where the variance is 0, e.g. AUC = 1, an exact interval on boxes from
-# distinct images). The test of AUC = 0.5 is that same clustered DeLong procedure; its
-# p-values are BH-adjusted over the (encoder × class) family.
+# images, and the clustered score interval (Newcombe's score interval for an AUC,
+# widened by Obuchowski's 1997 clustered design effect, with a t reference; it stays
+# inside [0, 1] and does not collapse at AUC = 1). The test of AUC = 0.5 is that same
+# clustered score procedure; its p-values are BH-adjusted over the (encoder × class) family.
 
 # %%
 pair_rows = roi_rows[roi_rows["kind"].isin(["lesion", "control"]) & (roi_rows["pair"] >= 0)]
@@ -423,15 +414,15 @@ report.reference_line(fig, 0.899, "reported (paper): ≥ 0.899")
 report.publish_figure(fig, "fig-chestxdet10-box", output_dir)
 shown = box_table.assign(**{
     "AUC [95% CI]": report.with_ci(box_table),
-    "clustered DeLong 95% CI": [report.format_ci(1, lo, hi).split(" ", 1)[-1] if np.isfinite(lo) else "not estimable"
-                                for lo, hi in zip(box_table["delong_low"], box_table["delong_high"])],
-    "p vs 0.5 (clustered DeLong, BH)": box_table["p_bh"].map(report.format_p)})
-report.publish_table(shown[["encoder", "class", "AUC [95% CI]", "clustered DeLong 95% CI",
-                            "p vs 0.5 (clustered DeLong, BH)", "n_boxes", "n_images"]].rename(
+    "clustered score 95% CI": [report.format_ci(1, lo, hi).split(" ", 1)[-1] if np.isfinite(lo) else "not estimable"
+                               for lo, hi in zip(box_table["score_low"], box_table["score_high"])],
+    "p vs 0.5 (clustered score test, BH)": box_table["p_bh"].map(report.format_p)})
+report.publish_table(shown[["encoder", "class", "AUC [95% CI]", "clustered score 95% CI",
+                            "p vs 0.5 (clustered score test, BH)", "n_boxes", "n_images"]].rename(
                          columns={"n_boxes": "lesion boxes", "n_images": "images"}),
                      "tab-chestxdet10-box", output_dir, full=box_table.assign(produced_with=provenance),
-                     note=f"Produced with: {provenance}. AUC CI: {named(box_table)} over images; clustered DeLong: "
-                          f"{named(box_table, 'delong_method')}. Per-stratum AUCs (auc_small, auc_large), z and df are in "
+                     note=f"Produced with: {provenance}. AUC CI: {report.describe_methods(box_table, "ci_method")} over images; clustered score: "
+                          f"{report.describe_methods(box_table, "score_method")}. Per-stratum AUCs (auc_small, auc_large), z and df are in "
                           "the CSV.")
 lo_row, hi_row = box_table.loc[box_table["auc"].idxmin()], box_table.loc[box_table["auc"].idxmax()]
 report.glue_text("num-chestxdet10-box-min", f"{report.format_ci(lo_row['auc'], lo_row['ci_low'], lo_row['ci_high'])} "
@@ -462,8 +453,8 @@ report.glue_text("num-chestxdet10-box-verdict",
 #
 # ```{glue:table} tab-chestxdet10-box
 # Box-level `roi_local` AUC per encoder and class with both 95% CIs (a bootstrap over
-# images, and the clustered DeLong interval of Obuchowski 1997) and the clustered DeLong
-# test against 0.5, BH-adjusted over the table.
+# images, and the clustered score interval) and the clustered score test against 0.5,
+# BH-adjusted over the table.
 # ```
 
 # %% [markdown]

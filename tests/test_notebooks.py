@@ -95,4 +95,18 @@ def test_box_pages_refuse_a_bad_parameter_before_any_work(name, bad, message, tm
         pm.execute_notebook(str(_to_ipynb(ROOT / "notebooks" / f"{name}.py", tmp_path)), str(tmp_path / "out.ipynb"),
                             parameters=bad, kernel_name="python3", cwd=str(ROOT), progress_bar=False)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("perturbation_panel", {"panel": "smoke"}, "no footprint sweep"),
+    ("perturbation_panel", {"readouts": ["no-such-readout"]}, "unknown readout"),
+    ("perturbation_panel", {"readout_encoders": ["dinov2-b14"], "encoders": ["rad-dino"]}, "share no encoder"),
+    ("disease_probes", {"labels": ["no-such-label"]}, "unknown label"),
+])
+def test_panel_and_disease_pages_refuse_a_wrong_parameter_before_any_work(name, bad, message, tmp_path):
+    src = _to_ipynb(ROOT / "notebooks" / f"{name}.py", tmp_path)
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        pm.execute_notebook(str(src), str(tmp_path / "out.ipynb"), parameters={**bad, "output_dir": str(tmp_path / "o")},
+                            kernel_name="python3", cwd=str(ROOT), progress_bar=False)
+    assert message in str(err.value) and "accepted" in str(err.value)
     assert err.value.cell_index <= 4, "a wrong parameter must stop before any work is done"

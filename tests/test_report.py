@@ -51,7 +51,7 @@ def test_summaries_from_two_builds_are_refused(tmp_path, monkeypatch):
         monkeypatch.setenv("CXRCORE_BUILD_MODE", mode)
         report.record_run(tmp_path / name, cohort=c, stand_in=True, encoders=[])
         report.write_summary(row, tmp_path / name)
-    assert len(report.collect_summaries(tmp_path)) == 2
+    assert report.collect_summaries(tmp_path)["chapter"].tolist() == ["a", "b"]
     monkeypatch.setenv("CXRCORE_BUILD_MODE", "smoke")
     report.record_run(tmp_path / "b", cohort=c, stand_in=True, encoders=[])
     with pytest.raises(ValueError, match="different builds"):
@@ -140,6 +140,9 @@ def test_numbers_for_prose(monkeypatch):
         report.glue_text("fig-x-auc", 0.5)
     assert report.format_p(0.15) == "0.15" and report.format_p(0.0067, prefix=True) == "p = 0.0067"
     assert report.format_p(1e-300, prefix=True) == "p < 1e-16" and report.format_p(float("nan")) == "not estimable"
+    # never more than four decimals on a page: 0.00076 reads as the book's other small numbers do
+    assert report.format_p(0.00076) == "7.6e-04" and report.format_p(0.0001) == "0.0001"
+    assert report.format_p(0.00012, prefix=True) == "p = 1.2e-04" and report.format_p(3e-7) == "3e-07"
     assert report.format_ci(0.77412, 0.713, 0.8371) == "0.774 [0.713, 0.837]"
 
 
@@ -376,3 +379,78 @@ def test_text_columns_read_left_aligned_even_when_a_sentence_starts_with_a_digit
     assert pd.read_csv(tmp_path / "tab-x-text.csv").equals(df)
     with pytest.raises(ValueError, match="text_columns"):
         report.publish_text_table(df, "tab-x-bad", tmp_path, text_columns=["nope"])
+
+
+def test_ranges_for_prose():
+    assert report.format_range([0.524, 0.5, np.nan]) == "0.500 to 0.524"
+    assert report.format_range([0.4121, 0.488], signed=True) == "+0.412 to +0.488"
+    assert report.format_range([-0.01, 0.2], "{:.2f}", signed=True) == "-0.01 to +0.20"
+    assert report.format_range([0.7, 0.7]) == "0.700" and report.format_range([]) == "none"
+
+
+def test_methods_are_described_as_the_table_names_them():
+    t = pd.DataFrame({"method": ["delong_clustered"] * 3 + ["paired_swap"]})
+    words = report.describe_methods(t)
+    assert words.startswith("DeLong's test clustered by patient (Obuchowski 1997), t reference") and "(3 rows)" in words
+    assert "permutation" in words and "(1 rows)" in words
+    # a renamed column and a code this module does not know: shown as it is, never as another procedure
+    assert report.describe_methods(pd.DataFrame({"ci_method": ["new_thing"]})) == "`new_thing`"
+    assert report.describe_methods(["percentile", "percentile"]) == report.METHOD_WORDS["percentile"]
+    with pytest.raises(ValueError, match="none of the columns"):
+        report.describe_methods(pd.DataFrame({"auc": [0.5]}))
+
+
+def test_the_footprint_sweep_is_the_longest_series_of_one_kind():
+    from cxrcore.perturb import load_panel
+
+    cells = load_panel("default").table()
+    sweep = report.footprint_sweep(cells)
+    assert sweep["footprint_px"].tolist() == [12, 24, 48, 96, 192]
+    assert set(sweep["strength"]) == {0.4} and set(sweep["kind"]) == {"nodule"}
+    assert report.footprint_sweep(load_panel("smoke").table())["cell"].tolist() in (["nodule_d32_s0.05"],
+                                                                                      ["nodule_d32_s0.4"])
+    assert report.footprint_sweep(cells, kind="no-such-kind").empty
+    assert report.footprint_sweep(load_panel("audit-quick").table(), kind="iso_blur")["footprint_px"].tolist() == [32, 128]
+
+
+def test_patches_per_px_from_a_stored_geometry():
+    import cxrcore
+    from cxrcore.store import geometry_to_json
+
+    enc = cxrcore.load_encoder("rad-dino", stand_in=True)
+    g = enc.geometry_for((512, 640))
+    assert report.patches_per_px(g) == report.patches_per_px(geometry_to_json(g)) == report.patches_per_px(enc, (512, 640))
+
+
+def test_read_published_finds_one_chapters_table_of_this_build(tmp_path, monkeypatch):
+    c = SyntheticCohort(n_images=2)
+    monkeypatch.setenv("CXRCORE_BUILD_MODE", "default")
+    report.record_run(tmp_path / "perturbation_panel", cohort=c, stand_in=True, encoders=[])
+    df = pd.DataFrame({"encoder": ["rad-dino"], "auc": [0.7]})
+    report.save_table(df, "tab-perturbation-dilution", tmp_path / "perturbation_panel")
+    assert report.read_published(tmp_path, "tab-perturbation-dilution").equals(df)
+    with pytest.raises(FileNotFoundError, match="run the chapter"):
+        report.read_published(tmp_path, "tab-perturbation-nothing")
+    monkeypatch.setenv("CXRCORE_BUILD_MODE", "smoke")
+    report.record_run(tmp_path / "other", cohort=c, stand_in=True, encoders=[])
+    report.write_summary(pd.DataFrame([{k: "x" for k in report.SUMMARY_COLUMNS}]), tmp_path / "other")
+    with pytest.raises(ValueError, match="different builds"):
+        report.read_published(tmp_path, "tab-perturbation-dilution")
+
+
+def test_sentences_in_markdown_are_glued_as_markdown(monkeypatch):
+    glued = {}
+    monkeypatch.setattr(report, "glue", lambda key, value, display=False: glued.__setitem__(key, value))
+    report.glue_markdown("num-x-verdict", "Only `roi_local` sees it.")
+    assert glued["num-x-verdict"]._repr_markdown_() == "Only `roi_local` sees it."
+    with pytest.raises(ValueError, match="num-"):
+        report.glue_markdown("tab-x-y", "text")
+
+
+def test_page_path_is_relative_to_where_the_page_lands(tmp_path, monkeypatch):
+    out = tmp_path / "gen" / "figures" / "summary"
+    card = tmp_path / "gen" / "figures" / "audit" / "cards" / "rad-dino" / "audit.html"
+    monkeypatch.delenv("CXRCORE_PAGE_DIR", raising=False)
+    assert report.page_path(card, out) == "figures/audit/cards/rad-dino/audit.html"
+    monkeypatch.setenv("CXRCORE_PAGE_DIR", str(tmp_path))
+    assert report.page_path(card, out) == "gen/figures/audit/cards/rad-dino/audit.html"
