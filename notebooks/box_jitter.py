@@ -191,7 +191,7 @@ shown = shown.reset_index(drop=True).assign(scale_sigma=shown["scale_sigma"].map
 report.publish_table(shown[["encoder", "sigma (px)", "scale sd", "AUC [95% CI]", "AUC small",
                             "AUC large", "still on the lesion"]], "tab-boxjitter-auc", output_dir,
                      full=table.assign(produced_with=provenance),
-                     note=f"Produced with: {provenance}. AUC CI: {report.describe_methods(table, "ci_method")} over images. Sigma in px of a "
+                     note=f"Produced with: {provenance}. AUC CI: {report.describe_methods(table, 'ci_method')} over images. Sigma in px of a "
                           f"{sigma_at_side}-px image; this cohort's "
                           f"images are {side} px. AUC small / large: the lesion boxes of one size stratum against "
                           "their controls (no CI).")

@@ -325,8 +325,8 @@ for enc, c in gaps.reset_index()[keys].drop_duplicates().itertuples(index=False)
     r["positives small / large"] = f"{int(by_st.loc[(enc, c, 'cls', 'small'), 'n_pos'])} / {int(by_st.loc[(enc, c, 'cls', 'large'), 'n_pos'])}"
     rows.append(r)
 report.publish_table(pd.DataFrame(rows), "tab-chestxdet10-strata", output_dir, full=strata,
-                     note=f"Produced with: {provenance}. AUC CIs: {report.describe_methods(image.aucs, "ci_method")} (resampling patients where a "
-                          "patient has several images); gap CIs: " + report.describe_methods(strata, "gap_method") + ".")
+                     note=f"Produced with: {provenance}. AUC CIs: {report.describe_methods(image.aucs, 'ci_method')} (resampling patients where a "
+                          "patient has several images); gap CIs: " + report.describe_methods(strata, 'gap_method') + ".")
 
 cls_gaps = gaps.xs("cls", level="pooling").reset_index()
 top = cls_gaps.loc[cls_gaps["gap"].idxmax()] if cls_gaps["gap"].notna().any() else None
@@ -421,8 +421,8 @@ report.publish_table(shown[["encoder", "class", "AUC [95% CI]", "clustered score
                             "p vs 0.5 (clustered score test, BH)", "n_boxes", "n_images"]].rename(
                          columns={"n_boxes": "lesion boxes", "n_images": "images"}),
                      "tab-chestxdet10-box", output_dir, full=box_table.assign(produced_with=provenance),
-                     note=f"Produced with: {provenance}. AUC CI: {report.describe_methods(box_table, "ci_method")} over images; clustered score: "
-                          f"{report.describe_methods(box_table, "score_method")}. Per-stratum AUCs (auc_small, auc_large), z and df are in "
+                     note=f"Produced with: {provenance}. AUC CI: {report.describe_methods(box_table, 'ci_method')} over images; clustered score: "
+                          f"{report.describe_methods(box_table, 'score_method')}. Per-stratum AUCs (auc_small, auc_large), z and df are in "
                           "the CSV.")
 lo_row, hi_row = box_table.loc[box_table["auc"].idxmin()], box_table.loc[box_table["auc"].idxmax()]
 report.glue_text("num-chestxdet10-box-min", f"{report.format_ci(lo_row['auc'], lo_row['ci_low'], lo_row['ci_high'])} "

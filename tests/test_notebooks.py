@@ -22,6 +22,18 @@ def _to_ipynb(src: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("src", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_code_cell_compiles(src):
+    """A syntax error fails here in a second, not after minutes of papermill (cells are compiled, not run)."""
+    for k, cell in enumerate(jupytext.read(src).cells):
+        if cell.cell_type == "code":
+            code = "\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!")))
+            try:
+                compile(code, f"{src.name} cell {k}", "exec")
+            except SyntaxError as e:
+                pytest.fail(f"{src.name}, code cell {k}, line {e.lineno}: {e.msg}")
+
+
+@pytest.mark.parametrize("src", NOTEBOOKS, ids=lambda p: p.stem)
 def test_parameters_cell_is_documented(src, tmp_path):
     nb = jupytext.read(src)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
