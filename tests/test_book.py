@@ -116,34 +116,64 @@ def _snapshot(folders) -> dict[str, tuple]:
     return out
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """Build the smoke book in a folder of its own; the user's book is snapshotted before and after."""
-    out = Path(os.environ.get("CXRCORE_SMOKE_OUT") or tmp_path_factory.mktemp("smoke-book"))
-    created, sentinels = [], {}
+def _build_smoke(out: Path) -> dict:
+    """Build the smoke book into ``out``, the user's book snapshotted before and after, sentinels in it."""
+    created, sentinels = [], []
     for folder in USER_BOOK:
         if not folder.exists():
             folder.mkdir(parents=True)
             created.append(folder)
         s = folder / f".smoke-sentinel-{uuid.uuid4().hex[:8]}"
         s.write_text("the smoke build must leave this file alone\n")
-        sentinels[s] = s.read_text()
+        sentinels.append(s)
     before = _snapshot(USER_BOOK)
     try:
         if os.environ.get("CXRCORE_SMOKE_REUSE") and (out / "_build" / "html" / "index.html").is_file():
-            proc = None  # a developer's rerun of the checks on a smoke book already built there
+            built = False  # a developer's rerun of the checks on a smoke book already built there
         else:
             proc = subprocess.run([sys.executable, str(ROOT / "book" / "build.py"), "--smoke", "--out", str(out)],
                                   cwd=ROOT, capture_output=True, text=True, timeout=3000)
-            assert proc.returncode == 0, f"smoke build failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+            if proc.returncode != 0:
+                return {"error": f"smoke build failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"}
+            built = True
         after = _snapshot(USER_BOOK)
     finally:
         for s in sentinels:
             s.unlink(missing_ok=True)
         for folder in created:
             shutil.rmtree(folder, ignore_errors=True)
-    yield {"out": out, "html": out / "_build" / "html", "generated": out / "_generated", "before": before,
-           "after": after, "built": proc is not None}
+    return {"before": before, "after": after, "built": built}
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory):
+    """The smoke book, built once per test session in a folder of its own.
+
+    Under pytest-xdist every worker that runs a test needing it asks; the first builds while
+    holding a lock, the others wait and read its record (the pattern pytest-xdist documents
+    for session fixtures), so the user's book sees one build and one set of sentinels.
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    # a worker's base is .../pytest-N/popen-gwK: its parent is this session's, common to the workers
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = Path(os.environ.get("CXRCORE_SMOKE_OUT") or shared / "smoke-book")
+    record = shared / "smoke-book.json"
+    with FileLock(str(record) + ".lock"):
+        if record.is_file():
+            rec = json.loads(record.read_text())
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            rec = _build_smoke(out)
+            tmp = record.with_suffix(".part")
+            tmp.write_text(json.dumps(rec))
+            tmp.replace(record)
+    if "error" in rec:
+        pytest.fail(rec["error"])
+    return {"out": out, "html": out / "_build" / "html", "generated": out / "_generated",
+            "before": {k: tuple(v) for k, v in rec["before"].items()},
+            "after": {k: tuple(v) for k, v in rec["after"].items()}, "built": rec["built"]}
 
 
 @pytest.mark.book
@@ -152,7 +182,8 @@ def test_the_smoke_build_leaves_the_users_book_untouched(smoke):
     if not smoke["built"]:
         pytest.skip("CXRCORE_SMOKE_REUSE: no build ran")
     changed = sorted(k for k in set(smoke["before"]) | set(smoke["after"]) if smoke["before"].get(k) != smoke["after"].get(k))
-    assert not changed, f"the smoke build touched the user's book: {changed[:10]}"
+    assert not changed, "the smoke build touched the user's book: " + "; ".join(
+        f"{k}: before {smoke['before'].get(k)}, after {smoke['after'].get(k)}" for k in changed[:10])
     assert any(".smoke-sentinel-" in k for k in smoke["after"])
     assert (smoke["html"] / "index.html").is_file() and (smoke["generated"] / "teaching.ipynb").is_file()
 
