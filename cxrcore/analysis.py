@@ -18,6 +18,7 @@ import pandas as pd
 from .boxes import jitter_frame, still_overlapping
 from .pooling import excluded_reasons, roi_local
 from .probes import grouped_folds, out_of_fold_scores
+from .readouts import READOUTS, readout_scores
 from .stats import (
     FewClustersWarning,
     NotEstimable,
@@ -30,7 +31,7 @@ from .stats import (
     fdr_bh,
 )
 
-__all__ = ["BoxLevel", "ImageStrata", "Jitter", "box_level", "image_strata", "jitter_probes"]
+__all__ = ["BoxLevel", "ImageStrata", "Jitter", "box_level", "image_readouts", "image_strata", "jitter_probes"]
 
 _STRATA = ("small", "large")
 
@@ -144,6 +145,64 @@ def image_strata(meta: pd.DataFrame, boxes: pd.DataFrame, embeddings: Mapping[st
     if len(tests):
         tests["p_bh"] = fdr_bh(tests["p_value"].to_numpy())
     return ImageStrata(pd.DataFrame(auc_rows), pd.DataFrame(strata_rows), tests, scores)
+
+
+def image_readouts(meta: pd.DataFrame, roi_rows: pd.DataFrame, roi_embeddings: Mapping[str, np.ndarray],
+                   grids: Mapping[str, object], pass_ids: Mapping[str, np.ndarray], image_scores: Mapping,
+                   classes: Sequence[str], *, readouts: Sequence[str] = READOUTS, n_splits: int = 5,
+                   seed: int = 0) -> pd.DataFrame:
+    """Per encoder and class: image-level out-of-fold scores of ``cls``, ``patch_mean``, a box-given ``roi_local``
+    and the box-free readouts, one row per image, ready for :func:`cxrcore.readouts.gap_closure_table`.
+
+    meta: one row per image (``image_id``, ``patient_id``, a 0/1 column per class), as
+    given to :func:`image_strata`. roi_rows: one row per pooled box with ``image_id``,
+    ``class``, ``kind`` ("lesion", "control" or "decoy") and ``x1, y1, x2, y2``;
+    roi_embeddings: encoder -> ``[len(roi_rows), D]`` ``roi_local`` rows in ``roi_rows``
+    order (NaN for a box the preprocessing cut away). grids: encoder -> its stored patch
+    grids (:class:`cxrcore.store.Grids`), one encoder scored per entry, in this order;
+    pass_ids: encoder -> each ``meta`` image's forward pass in those grids. image_scores:
+    :attr:`ImageStrata.scores` (``(encoder, class, mode) -> scores`` in ``meta`` order), so
+    ``cls`` and ``patch_mean`` are the very scores of the image-level tables.
+
+    Each class uses :func:`image_strata`'s patient-grouped folds (the same call, the same
+    seed), so every score of an image is out of fold on the same split and the paired tests
+    of :func:`~cxrcore.readouts.gap_closure_table` apply. ``roi_local`` given a box is the
+    mean ``roi_local`` of the image's lesion boxes of the class, or of its decoy on a
+    lesion-free image (:func:`cxrcore.boxes.decoy_boxes`), probed out of fold; an image
+    whose every box was cut away has no ``roi_local`` and leaves that (encoder, class) frame.
+
+    No leakage: every trained part is fitted on training-fold images only
+    (:func:`~cxrcore.readouts.readout_scores` refuses folds that share a patient or a forward
+    pass). The token scorer of ``patch_max`` and ``topk_mean`` learns its patch labels from
+    the **lesion boxes of training images** only: a row's ``boxes`` list holds its lesion
+    boxes of the class, never a decoy or a control, and readout_scores hands the scorer the
+    boxes of training rows only, so a test-fold image's boxes are never seen. ``gem`` learns
+    a label-free token centre, ``mil`` image labels only.
+    """
+    coords = ["x1", "y1", "x2", "y2"]
+    frames = []
+    for key in grids:
+        visible = np.isfinite(roi_embeddings[key]).all(axis=1)
+        for c in classes:
+            y = meta[c].to_numpy().astype(int)
+            folds = grouped_folds(y, meta["patient_id"].to_numpy(), n_splits=n_splits, seed=seed)  # image_strata's
+            mine = roi_rows["class"].eq(c) & roi_rows["kind"].isin(["lesion", "decoy"]) & visible
+            ids = roi_rows.loc[mine, "image_id"].to_numpy()
+            X_roi = pd.DataFrame(roi_embeddings[key][mine.to_numpy()]).groupby(ids).mean()
+            # patch labels for the token scorer: the image's lesion boxes (none on lesion-free images)
+            lesion = roi_rows[mine & roi_rows["kind"].eq("lesion")]
+            patch_labels = {i: [tuple(b) for b in g[coords].to_numpy(float)] for i, g in lesion.groupby("image_id")}
+            f = meta[["image_id", "patient_id"]].assign(
+                encoder=key, label=y, fold=folds, pass_id=pass_ids[key],
+                boxes=[patch_labels.get(i, []) for i in meta["image_id"]],
+                cls=image_scores[key, c, "cls"], patch_mean=image_scores[key, c, "patch_mean"])
+            f["class"] = c
+            f = f[f["image_id"].isin(X_roi.index)]  # an image whose every box was excluded has no roi_local
+            f["roi_local"] = out_of_fold_scores(X_roi.loc[f["image_id"]].to_numpy(), f["label"].to_numpy(),
+                                                f["patient_id"].to_numpy(), folds=f["fold"].to_numpy())
+            frames.append(readout_scores(f, grids[key], "label", by=["class"], box_col="boxes", readouts=readouts,
+                                         seed=seed))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 _NO_REASON = "roi_local row is NaN (reason not recorded)"

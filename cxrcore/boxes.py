@@ -12,6 +12,9 @@ as everywhere in cxrcore; arrays are ``[N, 4]`` float64.
   size from the same image, inside the lung field, overlapping no lesion. The first
   candidate is the contralateral mirror image of the box (same height, other lung),
   the classic matched control on a frontal radiograph; then random positions.
+- :func:`decoy_boxes` gives every lesion-free image of a class one box of that class's
+  lesion size, placed as a control would be, so that ``roi_local`` given a box can be
+  scored at the image level on negatives too.
 - :func:`paired_iou` / :func:`still_overlapping` say whether a moved box still touches
   the lesion it came from.
 """
@@ -27,6 +30,7 @@ import pandas as pd
 __all__ = [
     "as_boxes", "box_area", "intersection_area", "iou", "paired_iou", "still_overlapping", "overlap_fraction",
     "jitter_boxes", "matched_control_boxes", "control_boxes_frame", "jitter_frame", "image_seed",
+    "chestxdet10_controls", "decoy_boxes",
 ]
 
 
@@ -281,3 +285,51 @@ def chestxdet10_controls(cohort, *, lung_mask_dir: str | None = None, gap_px: fl
     order = pairs["image_id"].map({i: k for k, i in enumerate(md["image_id"])})
     pairs = pairs.assign(order=order).sort_values("order", kind="stable").drop(columns="order")
     return pairs, hw_of, use_masks
+
+
+def decoy_boxes(cohort, classes: Sequence[str] | None = None, *, lung_mask_dir: str | None = None,
+                gap_px: float = 0.0, seed: int = 0) -> tuple[pd.DataFrame, int]:
+    """One decoy box per (lesion-free image, class) of a ChestX-Det10 cohort: a lesion's size where there is no lesion.
+
+    The image-level comparison of ``roi_local`` with the box-free readouts needs a box on
+    every image, the lesion-free ones too. Each image without a lesion of class ``c``
+    (``metadata[c] == 0``) borrows the width and height of a lesion box of class ``c``
+    drawn at random (with replacement) from the cohort's boxes, and that box is placed as a
+    matched control is (:func:`chestxdet10_controls`: mirror position first, then random
+    positions, in the lung field, ``gap_px`` clear of every finding of the release's ten
+    classes and of the image's other decoys). A positive and a negative image are then both
+    read through a box of lesion size, as the perturbation panel reads the same box in both
+    arms, so ``roi_local`` asks "is there a lesion under this box?" and not "is there a box?".
+
+    classes: default the cohort's ``label_columns``. seed: the donor boxes are drawn with
+    ``default_rng(seed)`` class by class in ``classes`` order, and placed with seed
+    ``seed + 1`` (the lesions' own controls use ``seed``, so decoys are not drawn from the
+    same random positions). Returns the decoys, one row per placed decoy in metadata order
+    (``image_id``, ``class``, ``stratum`` and ``x1, y1, x2, y2`` of the donor lesion box,
+    which lies in another image; ``donor``, the donor's index in ``cohort.boxes``; the decoy
+    itself in ``cx1, cy1, cx2, cy2``), and the number of (lesion-free image, class) pairs
+    that got no decoy (no position fits, or the class has no lesion box to borrow a size
+    from): count them as exclusions.
+    """
+    import copy
+
+    md = cohort.metadata
+    classes = list(cohort.label_columns) if classes is None else list(classes)
+    rng = np.random.default_rng(seed)
+    borrowed, wanted = [], 0
+    for c in classes:
+        donors = cohort.boxes[cohort.boxes["class"] == c]
+        negatives = md.loc[md[c] == 0, "image_id"].to_numpy()
+        wanted += len(negatives)
+        if donors.empty:  # no lesion size to borrow: every negative of the class goes without a decoy
+            continue
+        drawn = donors.iloc[rng.integers(len(donors), size=len(negatives))]
+        borrowed.append(drawn[["class", "x1", "y1", "x2", "y2", "stratum"]].assign(image_id=negatives,
+                                                                                     donor=drawn.index))
+    columns = ["class", "x1", "y1", "x2", "y2", "stratum", "image_id", "donor", "cx1", "cy1", "cx2", "cy2"]
+    if not borrowed:
+        return pd.DataFrame(columns=columns), wanted
+    decoy_cohort = copy.copy(cohort)  # the same cohort, with the borrowed boxes as the boxes to place
+    decoy_cohort.boxes = pd.concat(borrowed, ignore_index=True)
+    decoys, _, _ = chestxdet10_controls(decoy_cohort, lung_mask_dir=lung_mask_dir, gap_px=gap_px, seed=seed + 1)
+    return decoys, wanted - len(decoys)

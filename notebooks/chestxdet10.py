@@ -84,7 +84,6 @@ output_dir: str = "book/_generated/figures/chestxdet10"  # where figures and tab
 
 # %% tags=["remove-cell"]
 # Checks and imports: stop at once on a wrong parameter, before any work.
-import copy
 import warnings
 
 import numpy as np
@@ -92,14 +91,13 @@ import pandas as pd
 
 import cxrcore
 from cxrcore import report
-from cxrcore.analysis import box_level, image_strata
-from cxrcore.boxes import chestxdet10_controls
+from cxrcore.analysis import box_level, image_readouts, image_strata
+from cxrcore.boxes import chestxdet10_controls, decoy_boxes
 from cxrcore.cohorts import check_cohort
 from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
 from cxrcore.encoders import check_encoders
 from cxrcore.extract import embeddings
-from cxrcore.probes import grouped_folds, out_of_fold_scores
-from cxrcore.readouts import READOUTS, gap_closure_table, needs_table, readout_scores
+from cxrcore.readouts import READOUTS, gap_closure_table, needs_table
 from cxrcore.stats import FewClustersWarning, fdr_bh
 from cxrcore.store import geometry_from_json
 
@@ -156,21 +154,13 @@ real_data, real_weights = not data.synthetic, not stand_in
 # **every** image, the lesion-free ones too. Each image without a lesion of a class gets
 # one **decoy** box for that class: the size of a lesion box of that class drawn at
 # random from the cohort, placed as a control would be (mirror position first, in the
-# lung field, clear of every finding). A positive image's `roi_local` is the mean over its
-# lesion boxes of the class. So `roi_local` asks "is there a lesion under this box?" with
-# boxes of lesion size on both sides, like the panel's same box in both arms.
+# lung field, clear of every finding; `cxrcore.boxes.decoy_boxes`). A positive image's
+# `roi_local` is the mean over its lesion boxes of the class. So `roi_local` asks "is there
+# a lesion under this box?" with boxes of lesion size on both sides, like the panel's same
+# box in both arms.
 
 # %%
-rng = np.random.default_rng(seed)
-borrowed = []
-for c in classes:
-    donors = data.boxes[data.boxes["class"] == c]
-    negatives = md.loc[md[c] == 0, "image_id"].to_numpy()
-    drawn = donors.iloc[rng.integers(len(donors), size=len(negatives))]
-    borrowed.append(drawn[["class", "x1", "y1", "x2", "y2", "stratum"]].assign(image_id=negatives))
-decoy_cohort = copy.copy(data)  # the same cohort, with the borrowed boxes as its "boxes" to place
-decoy_cohort.boxes = pd.concat(borrowed, ignore_index=True)
-decoys, _, _ = chestxdet10_controls(decoy_cohort, lung_mask_dir=lung_mask_dir, gap_px=control_gap_px, seed=seed + 1)
+decoys, no_decoy = decoy_boxes(data, classes, lung_mask_dir=lung_mask_dir, gap_px=control_gap_px, seed=seed)
 
 # %% tags=["remove-cell"]
 # One table of every box pooled at once: lesion boxes, their controls, the decoys. Each
@@ -190,7 +180,6 @@ roi_rows["box_index"] = roi_rows.groupby("image_id").cumcount()
 # the table a store for this page is extracted with (cxrcore extract --boxes roi-boxes.csv; see Reproducibility)
 report.save_table(roi_rows[["image_id", "class", *coords]], "tab-chestxdet10-roi-boxes", output_dir)
 no_control = len(data.boxes) - len(pairs)
-no_decoy = int(sum((md[c] == 0).sum() for c in classes) - len(decoys))
 
 counts = pd.DataFrame({
     "class": classes,
@@ -489,7 +478,8 @@ report.publish_table(shown_tests[["encoder", "class", "cls AUC", "patch_mean AUC
 # test time? Box-free readouts of the same forward pass's patch tokens
 # (`cxrcore.readouts`, {numref}`tab-chestxdet10-needs`) are scored at the image level, on
 # the same patient-grouped folds as `cls` and `patch_mean`, beside a box-given
-# `roi_local` (lesion boxes on positive images, decoy boxes on lesion-free ones). Every
+# `roi_local` (lesion boxes on positive images, decoy boxes on lesion-free ones;
+# `cxrcore.analysis.image_readouts`), and `gap_closure_table` compares them. Every
 # trained part is fitted on the training folds only: the token scorer of `patch_max` and
 # `topk_mean` learns from the tokens under the **lesion boxes of training images** (and any
 # tokens of lesion-free training images), never from a test image or its boxes; the MIL
@@ -504,29 +494,9 @@ report.publish_table(shown_tests[["encoder", "class", "cls AUC", "patch_mean AUC
 # :::
 
 # %%
-frames = []
-for key in readout_encoders:
-    for c in classes:
-        y = md[c].to_numpy().astype(int)
-        folds = grouped_folds(y, md["patient_id"].to_numpy(), n_splits=n_splits, seed=seed)  # image_strata's folds
-        # roi_local given a box: mean over the image's lesion boxes of the class, or its decoy
-        mine = roi_rows["class"].eq(c) & roi_rows["kind"].isin(["lesion", "decoy"]) & visible[key]
-        ids = roi_rows.loc[mine, "image_id"].to_numpy()
-        X_roi = pd.DataFrame(roi_feats[key][mine.to_numpy()]).groupby(ids).mean()
-        # patch labels for the token scorer: the lesion boxes of the image (none on lesion-free images)
-        lesion = roi_rows[mine & roi_rows["kind"].eq("lesion")]
-        patch_labels = {i: [tuple(b) for b in g[coords].to_numpy(float)] for i, g in lesion.groupby("image_id")}
-        f = md[["image_id", "patient_id"]].assign(
-            encoder=key, label=y, fold=folds, pass_id=image_feats[key]["pass_id"],
-            boxes=[patch_labels.get(i, []) for i in md["image_id"]],
-            cls=image.scores[key, c, "cls"], patch_mean=image.scores[key, c, "patch_mean"])
-        f["class"] = c
-        f = f[f["image_id"].isin(X_roi.index)]  # an image whose every box was excluded has no roi_local
-        f["roi_local"] = out_of_fold_scores(X_roi.loc[f["image_id"]].to_numpy(), f["label"].to_numpy(),
-                                            f["patient_id"].to_numpy(), folds=f["fold"].to_numpy())
-        frames.append(readout_scores(f, grids[key], "label", by=["class"], box_col="boxes",
-                                     readouts=readouts, seed=seed))
-scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+scores = image_readouts(md, roi_rows, roi_feats, {k: grids[k] for k in readout_encoders},
+                        {k: image_feats[k]["pass_id"] for k in readout_encoders}, image.scores, classes,
+                        readouts=readouts, n_splits=n_splits, seed=seed)
 if len(scores):
     closure = gap_closure_table(scores, "label", readouts=readouts, by=["encoder", "class"], n_boot=n_boot,
                                 seed=seed)

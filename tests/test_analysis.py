@@ -386,3 +386,160 @@ def test_jitter_probes_leave_out_a_cropped_away_pair_and_count_it():
     t = j.tests.iloc[0]
     n_both = int(np.isfinite(s0[: len(pairs)] + j.scores["enc", 2, 0.0][: len(pairs)]).sum())
     assert (t.n_pos, t.method) == (n_both, "delong_clustered") and np.isfinite(t.p_value)
+
+
+def _readout_inputs(seed=0, n=48, side=96, stride=16, d=16, delta=4.0, shared=True, blob_on_decoys=False):
+    """A ChestX-Det10-like cohort in tokens (no model): two images per patient, lesion boxes on positives with
+    their controls, one decoy on each lesion-free image, per class.
+
+    Tokens under a lesion box move by ``delta`` along the class's direction (``shared``) or
+    along a direction of their own (nothing to learn from one image for another);
+    ``blob_on_decoys`` moves the tokens under each decoy the same way, so that positives and
+    negatives are alike in distribution and only the label tells them apart.
+    Returns (meta, roi_rows, roi_local rows, Grids, pass ids, image scores).
+    """
+    from cxrcore.store import Grids
+
+    rng = np.random.default_rng(seed)
+    geom = make_geometry((side, side), side, stride, "resize")
+    md = pd.DataFrame({"image_id": [f"img{i:03d}.png" for i in range(n)], "patient_id": [f"p{i // 2}" for i in range(n)]})
+    for c in CLASSES:
+        md[c] = (rng.permutation(n) < int(0.4 * n)).astype(int)
+    grid = rng.normal(size=(n, side // stride, side // stride, d)).astype(np.float32)
+    direction = {c: rng.normal(size=d) for c in CLASSES}
+    rows, per_image = [], [[] for _ in range(n)]
+
+    def box():
+        w = float(rng.integers(16, 33))
+        x1, y1 = rng.integers(0, side - w, 2).astype(float)
+        return [x1, y1, x1 + w, y1 + w]
+
+    def move(i, b, c):
+        u = direction[c] if shared else rng.normal(size=d)
+        grid[i][geom.cell_mask(tuple(b))] += delta * u / np.linalg.norm(u)
+
+    for i, image_id in enumerate(md["image_id"]):
+        for c in CLASSES:
+            kinds = ["lesion"] * int(rng.integers(1, 3)) + ["control"] if md.at[i, c] else ["decoy"]
+            for kind in kinds:
+                b = box()
+                if kind == "lesion" or (kind == "decoy" and blob_on_decoys):
+                    move(i, b, c)
+                rows.append({"image_id": image_id, "class": c, "kind": kind, "x1": b[0], "y1": b[1], "x2": b[2],
+                             "y2": b[3]})
+                per_image[i].append(b)
+    roi_rows = pd.DataFrame(rows)
+    X_roi, _ = roi_local(grid, [geom] * n, per_image)  # in roi_rows order: image by image
+    pass_id = np.arange(n) + 100
+    grids = Grids(pass_id, grid.astype(np.float16), [geom] * n)
+    image_scores = {(k, c, m): rng.normal(size=n) for k in ("enc_a", "enc_b") for c in CLASSES
+                    for m in ("cls", "patch_mean")}
+    return md, roi_rows, X_roi, grids, pass_id, image_scores
+
+
+def _old_readout_loop(md, roi_rows, roi_feats, grids, pass_ids, image_scores, readout_encoders, readouts, n_splits,
+                      seed):
+    """notebooks/chestxdet10.py before the move ("Recovery without a box"), verbatim but for the inputs."""
+    from cxrcore.readouts import readout_scores
+
+    classes, coords = CLASSES, ["x1", "y1", "x2", "y2"]
+    visible = {key: np.isfinite(roi_feats[key]).all(axis=1) for key in readout_encoders}
+    frames = []
+    for key in readout_encoders:
+        for c in classes:
+            y = md[c].to_numpy().astype(int)
+            folds = grouped_folds(y, md["patient_id"].to_numpy(), n_splits=n_splits, seed=seed)  # image_strata's folds
+            # roi_local given a box: mean over the image's lesion boxes of the class, or its decoy
+            mine = roi_rows["class"].eq(c) & roi_rows["kind"].isin(["lesion", "decoy"]) & visible[key]
+            ids = roi_rows.loc[mine, "image_id"].to_numpy()
+            X_roi = pd.DataFrame(roi_feats[key][mine.to_numpy()]).groupby(ids).mean()
+            # patch labels for the token scorer: the lesion boxes of the image (none on lesion-free images)
+            lesion = roi_rows[mine & roi_rows["kind"].eq("lesion")]
+            patch_labels = {i: [tuple(b) for b in g[coords].to_numpy(float)] for i, g in lesion.groupby("image_id")}
+            f = md[["image_id", "patient_id"]].assign(
+                encoder=key, label=y, fold=folds, pass_id=pass_ids[key],
+                boxes=[patch_labels.get(i, []) for i in md["image_id"]],
+                cls=image_scores[key, c, "cls"], patch_mean=image_scores[key, c, "patch_mean"])
+            f["class"] = c
+            f = f[f["image_id"].isin(X_roi.index)]  # an image whose every box was excluded has no roi_local
+            f["roi_local"] = out_of_fold_scores(X_roi.loc[f["image_id"]].to_numpy(), f["label"].to_numpy(),
+                                                f["patient_id"].to_numpy(), folds=f["fold"].to_numpy())
+            frames.append(readout_scores(f, grids[key], "label", by=["class"], box_col="boxes",
+                                         readouts=readouts, seed=seed))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _with_a_cropped_away_decoy(md, roi_rows, X_roi):
+    """enc_b's rows with the decoy of the first lesion-free Mass image cut away (NaN), as the crop leaves it."""
+    decoy = roi_rows.index[(roi_rows["class"] == "Mass") & (roi_rows["kind"] == "decoy")][0]
+    cut = X_roi.copy()
+    cut[decoy] = np.nan
+    return {"enc_a": X_roi, "enc_b": cut}, roi_rows.at[decoy, "image_id"]
+
+
+def test_image_readouts_gives_the_old_notebook_frame():
+    md, roi_rows, X_roi, grids, pass_id, image_scores = _readout_inputs(seed=1)
+    roi, _ = _with_a_cropped_away_decoy(md, roi_rows, X_roi)
+    kw = dict(readouts=["gem", "patch_max", "topk_mean", "mil"], n_splits=3, seed=2)
+    both = {"enc_a": grids, "enc_b": grids}
+    ids = {"enc_a": pass_id, "enc_b": pass_id}
+    old = _old_readout_loop(md, roi_rows, roi, grids=both, pass_ids=ids, image_scores=image_scores,
+                            readout_encoders=["enc_a", "enc_b"], **kw)
+    new = analysis.image_readouts(md, roi_rows, roi, both, ids, image_scores, CLASSES, **kw)
+    pd.testing.assert_frame_equal(new, old)
+    assert analysis.image_readouts(md, roi_rows, roi, {}, {}, image_scores, CLASSES, **kw).empty
+
+
+def test_image_readouts_rows_folds_and_patch_labels():
+    md, roi_rows, X_roi, grids, pass_id, image_scores = _readout_inputs(seed=1)
+    roi, cut_image = _with_a_cropped_away_decoy(md, roi_rows, X_roi)
+    scores = analysis.image_readouts(md, roi_rows, roi, {"enc_b": grids, "enc_a": grids},
+                                     {"enc_a": pass_id, "enc_b": pass_id}, image_scores, CLASSES,
+                                     readouts=["gem", "patch_max"], n_splits=3, seed=0)
+    assert list(scores.drop_duplicates(["encoder", "class"])[["encoder", "class"]].itertuples(index=False)) == [
+        ("enc_b", "Nodule"), ("enc_b", "Mass"), ("enc_a", "Nodule"), ("enc_a", "Mass")], "grids' order, then classes"
+    for (key, c), part in scores.groupby(["encoder", "class"], sort=False):
+        gone = {cut_image} if (key, c) == ("enc_b", "Mass") else set()
+        assert list(part["image_id"]) == [i for i in md["image_id"] if i not in gone], (key, c)
+        keep = md["image_id"].isin(part["image_id"]).to_numpy()
+        # cls and patch_mean are image_strata's scores; the folds are its patient-grouped folds
+        np.testing.assert_array_equal(part["cls"], image_scores[key, c, "cls"][keep])
+        np.testing.assert_array_equal(part["patch_mean"], image_scores[key, c, "patch_mean"][keep])
+        folds = grouped_folds(md[c].to_numpy(), md["patient_id"].to_numpy(), n_splits=3, seed=0)
+        np.testing.assert_array_equal(part["fold"], folds[keep])
+        assert (part.groupby("patient_id")["fold"].nunique() == 1).all()
+        np.testing.assert_array_equal(part["label"], md.loc[keep, c])
+        np.testing.assert_array_equal(part["pass_id"], pass_id[keep])
+        # patch labels: the image's lesion boxes of the class, never a control or a decoy
+        lesions = roi_rows[(roi_rows["class"] == c) & (roi_rows["kind"] == "lesion")]
+        for r in part.itertuples():
+            want = [tuple(b) for b in lesions.loc[lesions["image_id"] == r.image_id, ["x1", "y1", "x2", "y2"]]
+                    .to_numpy(float)]
+            assert r.boxes == want, (key, c, r.image_id)
+        assert part[["roi_local", "gem", "patch_max"]].notna().all().all()
+
+
+@pytest.mark.filterwarnings("ignore::cxrcore.stats.FewClustersWarning")
+def test_image_readouts_token_scorer_never_sees_a_test_fold_image():
+    """Leakage check: every lesion has a direction of its own and every decoy a blob like it, so a lesion image and a
+    lesion-free one differ only in their label. Out of fold no score beats chance; a token scorer that had seen the
+    test images' lesion boxes would (checked below on the same data)."""
+    from cxrcore.readouts import TokenScorer, top_k_mean
+
+    readouts = ["gem", "patch_max", "topk_mean", "mil"]
+    aucs, leaked = {r: [] for r in ["roi_local", *readouts]}, []
+    for seed in range(3):
+        md, roi_rows, X_roi, grids, pass_id, image_scores = _readout_inputs(seed=seed, n=64, d=128, delta=8.0,
+                                                                            shared=False, blob_on_decoys=True)
+        scores = analysis.image_readouts(md, roi_rows, {"enc_a": X_roi}, {"enc_a": grids}, {"enc_a": pass_id},
+                                         image_scores, CLASSES, readouts=readouts, n_splits=4, seed=seed)
+        for c, part in scores.groupby("class"):
+            y = part["label"].to_numpy()
+            for r in aucs:
+                aucs[r].append(auc(y, part[r].to_numpy()))
+            # the same data, the same scorer, with every image's lesion boxes in its training set
+            seen = TokenScorer(random_state=seed).fit(grids.grid, y, grids.geometry, list(part["boxes"]))
+            leaked.append(auc(y, top_k_mean(seen.score_tokens(grids.grid), 1)))
+    for r, v in aucs.items():
+        assert abs(np.mean(v) - 0.5) < 0.1, (r, np.round(v, 3))
+    assert np.mean(leaked) > 0.75, np.round(leaked, 3)  # the check has the power to see a leak

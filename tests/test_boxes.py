@@ -165,3 +165,70 @@ def test_chestxdet10_controls_on_the_synthetic_release(tmp_path):
         ix = np.minimum(r.cx2, lesions[:, 2]) - np.maximum(r.cx1, lesions[:, 0])
         iy = np.minimum(r.cy2, lesions[:, 3]) - np.maximum(r.cy1, lesions[:, 1])
         assert not ((ix > 0) & (iy > 0)).any(), "a control never overlaps a lesion of its image"
+
+
+@pytest.fixture(scope="module")
+def synthetic_release(tmp_path_factory):
+    from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
+
+    return open_chestxdet10("", generated_root=tmp_path_factory.mktemp("decoys") / "det", n_images=24, seed=3,
+                            image_size=256)
+
+
+def test_decoys_one_per_lesion_free_image_and_class_with_a_lesion_size_of_that_class(synthetic_release):
+    from PIL import Image
+
+    from cxrcore.boxes import decoy_boxes
+
+    data = synthetic_release
+    md, classes = data.metadata, list(data.label_columns)
+    gap = 16.0  # the notebook's control_gap_px
+    decoys, n_without = decoy_boxes(data, gap_px=gap, seed=0)
+    assert len(decoys) > 0 and 0 <= n_without
+    assert len(decoys) + n_without == sum(int((md[c] == 0).sum()) for c in classes)
+    assert not decoys.duplicated(["image_id", "class"]).any(), "at most one decoy per (image, class)"
+    for c in classes:
+        negatives = set(md.loc[md[c] == 0, "image_id"])
+        assert set(decoys.loc[decoys["class"] == c, "image_id"]) <= negatives, f"a {c} decoy on an image with a {c}"
+    donor = data.boxes.loc[decoys["donor"]]
+    assert (donor["class"].to_numpy() == decoys["class"].to_numpy()).all(), "the size comes from a box of the class"
+    size = decoys[["cx2", "cy2"]].to_numpy() - decoys[["cx1", "cy1"]].to_numpy()
+    np.testing.assert_array_equal(size, donor[["x2", "y2"]].to_numpy() - donor[["x1", "y1"]].to_numpy())
+    np.testing.assert_array_equal(decoys[["x1", "y1", "x2", "y2"]].to_numpy(), donor[["x1", "y1", "x2", "y2"]].to_numpy())
+    split_of = md.set_index("image_id")["split"]
+    for image_id, g in decoys.groupby("image_id"):
+        placed = g[["cx1", "cy1", "cx2", "cy2"]].to_numpy(float)
+        findings = data.boxes.loc[data.boxes["image_id"] == image_id, ["x1", "y1", "x2", "y2"]].to_numpy(float)
+        grown = findings + np.array([-gap, -gap, gap, gap])  # gap_px clear of every finding
+        assert intersection_area(placed, grown).max(initial=0) == 0, f"a decoy of {image_id} touches a finding"
+        inter = intersection_area(placed, placed)
+        assert (inter[~np.eye(len(placed), dtype=bool)] == 0).all(), f"two decoys of {image_id} overlap"
+        lung = np.asarray(Image.open(data.root / "lung_masks" / split_of[image_id] / image_id)) > 0
+        for x1, y1, x2, y2 in placed.astype(int):
+            assert lung[y1:y2, x1:x2].mean() >= 0.9, f"a decoy of {image_id} is outside the lung field"
+    ranks = decoys["image_id"].map({i: k for k, i in enumerate(md["image_id"])}).to_numpy()
+    assert (np.diff(ranks) >= 0).all(), "decoys come back in metadata order"
+    again, _ = decoy_boxes(data, gap_px=gap, seed=0)
+    pd.testing.assert_frame_equal(again, decoys)
+    other, _ = decoy_boxes(data, gap_px=gap, seed=1)
+    assert not other[["cx1", "cy1"]].equals(decoys[["cx1", "cy1"]])
+
+
+def test_decoys_that_do_not_fit_are_counted(synthetic_release):
+    import copy
+
+    from cxrcore.boxes import decoy_boxes
+
+    data = synthetic_release
+    md = data.metadata
+    wanted = sum(int((md[c] == 0).sum()) for c in data.label_columns)
+    no_mass = copy.copy(data)
+    no_mass.boxes = data.boxes[data.boxes["class"] != "Mass"]  # Mass has no size to lend
+    decoys, n_without = decoy_boxes(no_mass, gap_px=2, seed=0)
+    assert "Mass" not in set(decoys["class"]) and n_without >= int((md["Mass"] == 0).sum())
+    assert len(decoys) + n_without == wanted
+    # a decoy as large as the image fits nowhere in the lung field: every (image, class) pair is counted
+    huge = copy.copy(data)
+    huge.boxes = data.boxes.assign(x1=0.0, y1=0.0, x2=256.0, y2=256.0)
+    decoys, n_without = decoy_boxes(huge, gap_px=0, seed=0)
+    assert len(decoys) == 0 and n_without == wanted
