@@ -79,13 +79,15 @@ class ImageStrata:
     ``note`` (e.g. "gap not estimable: ..."); tests: DeLong's paired test of
     ``patch_mean`` against ``cls`` (clustered by patient where a patient has several
     images; ``method``), BH-adjusted over the whole table (``p_bh``); scores: the
-    out-of-fold scores by (encoder, class, pooling).
+    out-of-fold scores by (encoder, class, pooling); folds: the patient-grouped fold of each
+    image by class (the same for every encoder), for :func:`image_readouts`.
     """
 
     aucs: pd.DataFrame
     strata: pd.DataFrame
     tests: pd.DataFrame
     scores: dict = field(repr=False)
+    folds: dict = field(default_factory=dict, repr=False)
 
 
 def image_strata(meta: pd.DataFrame, boxes: pd.DataFrame, embeddings: Mapping[str, Mapping[str, np.ndarray]],
@@ -108,10 +110,12 @@ def image_strata(meta: pd.DataFrame, boxes: pd.DataFrame, embeddings: Mapping[st
     patients = meta["patient_id"].to_numpy()
     clustered = _patients_if_repeated(patients)
     auc_rows, strata_rows, test_rows, scores = [], [], [], {}
+    class_folds = {c: grouped_folds(meta[c].to_numpy().astype(int), patients, n_splits=n_splits, seed=seed)
+                   for c in classes}
     for key, emb in embeddings.items():
         for c in classes:
             y = meta[c].to_numpy().astype(int)
-            folds = grouped_folds(y, patients, n_splits=n_splits, seed=seed)
+            folds = class_folds[c]
             stratum = meta["image_id"].map(image_stratum[c]).fillna("none").to_numpy()
             mode_scores = {}
             for mode in modes:
@@ -144,13 +148,13 @@ def image_strata(meta: pd.DataFrame, boxes: pd.DataFrame, embeddings: Mapping[st
     tests = pd.DataFrame(test_rows)
     if len(tests):
         tests["p_bh"] = fdr_bh(tests["p_value"].to_numpy())
-    return ImageStrata(pd.DataFrame(auc_rows), pd.DataFrame(strata_rows), tests, scores)
+    return ImageStrata(pd.DataFrame(auc_rows), pd.DataFrame(strata_rows), tests, scores, class_folds)
 
 
 def image_readouts(meta: pd.DataFrame, roi_rows: pd.DataFrame, roi_embeddings: Mapping[str, np.ndarray],
                    grids: Mapping[str, object], pass_ids: Mapping[str, np.ndarray], image_scores: Mapping,
                    classes: Sequence[str], *, readouts: Sequence[str] = READOUTS, n_splits: int = 5,
-                   seed: int = 0) -> pd.DataFrame:
+                   seed: int = 0, folds: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
     """Per encoder and class: image-level out-of-fold scores of ``cls``, ``patch_mean``, a box-given ``roi_local``
     and the box-free readouts, one row per image, ready for :func:`cxrcore.readouts.gap_closure_table`.
 
@@ -164,8 +168,8 @@ def image_readouts(meta: pd.DataFrame, roi_rows: pd.DataFrame, roi_embeddings: M
     :attr:`ImageStrata.scores` (``(encoder, class, mode) -> scores`` in ``meta`` order), so
     ``cls`` and ``patch_mean`` are the very scores of the image-level tables.
 
-    Each class uses :func:`image_strata`'s patient-grouped folds (the same call, the same
-    seed), so every score of an image is out of fold on the same split and the paired tests
+    Each class uses :func:`image_strata`'s patient-grouped folds (pass ``folds=``
+    :attr:`ImageStrata.folds`; without it they are drawn again by the same call), so every score of an image is out of fold on the same split and the paired tests
     of :func:`~cxrcore.readouts.gap_closure_table` apply. ``roi_local`` given a box is the
     mean ``roi_local`` of the image's lesion boxes of the class, or of its decoy on a
     lesion-free image (:func:`cxrcore.boxes.decoy_boxes`), probed out of fold; an image
@@ -185,7 +189,13 @@ def image_readouts(meta: pd.DataFrame, roi_rows: pd.DataFrame, roi_embeddings: M
         visible = np.isfinite(roi_embeddings[key]).all(axis=1)
         for c in classes:
             y = meta[c].to_numpy().astype(int)
-            folds = grouped_folds(y, meta["patient_id"].to_numpy(), n_splits=n_splits, seed=seed)  # image_strata's
+            if folds is not None:
+                f_c = np.asarray(folds[c])
+                if len(f_c) != len(meta):
+                    raise ValueError(f"image_readouts: folds[{c!r}] has {len(f_c)} entries for {len(meta)} images of "
+                                     "meta; pass the ImageStrata.folds of an image_strata run on this meta")
+            else:
+                f_c = grouped_folds(y, meta["patient_id"].to_numpy(), n_splits=n_splits, seed=seed)
             mine = roi_rows["class"].eq(c) & roi_rows["kind"].isin(["lesion", "decoy"]) & visible
             ids = roi_rows.loc[mine, "image_id"].to_numpy()
             X_roi = pd.DataFrame(roi_embeddings[key][mine.to_numpy()]).groupby(ids).mean()
@@ -193,7 +203,7 @@ def image_readouts(meta: pd.DataFrame, roi_rows: pd.DataFrame, roi_embeddings: M
             lesion = roi_rows[mine & roi_rows["kind"].eq("lesion")]
             patch_labels = {i: [tuple(b) for b in g[coords].to_numpy(float)] for i, g in lesion.groupby("image_id")}
             f = meta[["image_id", "patient_id"]].assign(
-                encoder=key, label=y, fold=folds, pass_id=pass_ids[key],
+                encoder=key, label=y, fold=f_c, pass_id=pass_ids[key],
                 boxes=[patch_labels.get(i, []) for i in meta["image_id"]],
                 cls=image_scores[key, c, "cls"], patch_mean=image_scores[key, c, "patch_mean"])
             f["class"] = c

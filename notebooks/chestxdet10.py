@@ -496,7 +496,7 @@ report.publish_table(shown_tests[["encoder", "class", "cls AUC", "patch_mean AUC
 # %%
 scores = image_readouts(md, roi_rows, roi_feats, {k: grids[k] for k in readout_encoders},
                         {k: image_feats[k]["pass_id"] for k in readout_encoders}, image.scores, classes,
-                        readouts=readouts, n_splits=n_splits, seed=seed)
+                        readouts=readouts, seed=seed, folds=image.folds)
 if len(scores):
     closure = gap_closure_table(scores, "label", readouts=readouts, by=["encoder", "class"], n_boot=n_boot,
                                 seed=seed)

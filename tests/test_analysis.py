@@ -543,3 +543,26 @@ def test_image_readouts_token_scorer_never_sees_a_test_fold_image():
     for r, v in aucs.items():
         assert abs(np.mean(v) - 0.5) < 0.1, (r, np.round(v, 3))
     assert np.mean(leaked) > 0.75, np.round(leaked, 3)  # the check has the power to see a leak
+
+
+def test_image_readouts_uses_the_folds_image_strata_drew():
+    """Given ImageStrata.folds, every image-level score of a class is out of fold on image_strata's very split."""
+    md, roi_rows, X_roi, grids, pass_id, image_scores = _readout_inputs(seed=1)
+    folds = {c: (np.arange(len(md)) * 7 + i) % 3 for i, c in enumerate(CLASSES)}  # not what grouped_folds draws
+    md = md.assign(patient_id=md["image_id"])  # one image per patient, so any split is patient-grouped
+    scores = analysis.image_readouts(md, roi_rows, {"enc_a": X_roi}, {"enc_a": grids}, {"enc_a": pass_id}, image_scores, CLASSES,
+                                     readouts=["gem"], seed=0, folds=folds)
+    for c, part in scores.groupby("class"):
+        keep = md["image_id"].isin(part["image_id"]).to_numpy()
+        np.testing.assert_array_equal(part["fold"], folds[c][keep])
+    with pytest.raises(ValueError, match="folds\\['Nodule'\\] has 3 entries"):
+        analysis.image_readouts(md, roi_rows, {"enc_a": X_roi}, {"enc_a": grids}, {"enc_a": pass_id}, image_scores, CLASSES,
+                                readouts=["gem"], seed=0, folds={c: np.zeros(3, int) for c in CLASSES})
+
+
+def test_image_strata_keeps_the_folds_it_drew():
+    md, boxes, emb = _cohort()
+    new = analysis.image_strata(md, boxes, emb, CLASSES, n_splits=3, seed=2, n_boot=20)
+    for c in CLASSES:
+        np.testing.assert_array_equal(new.folds[c], grouped_folds(md[c].to_numpy(), md["patient_id"].to_numpy(),
+                                                                  n_splits=3, seed=2))
