@@ -73,7 +73,7 @@ from .store import Embeddings, geometry_from_json
 
 __all__ = ["AuditResult", "QUICK", "FULL", "SCHEMA_FILE", "analyse", "analyse_store", "audit", "cards_figure",
            "detectable_footprint", "flags_table", "footprints_side_by_side",
-           "dilution_figure", "dilution_shown", "dilution_table", "footprint_table", "effective_patch_px", "expected_auc", "load_schema", "main",
+           "dilution_figure", "dilution_shown", "dilution_table", "footprint_table", "effective_patch_px", "box_cells", "expected_auc", "load_schema", "main",
            "register", "run", "series_name", "validate_record", "verdict_lines"]
 
 #: Packaged JSON Schema of ``audit.json`` (Draft 7).
@@ -124,8 +124,12 @@ def _geometries(meta: pd.DataFrame) -> list:
     return [parsed[g] for g in meta["geometry"]]
 
 
-def _box_cells(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: cells the box touches (k), cells of the grid (N), and the effective patch side (original px)."""
+def box_cells(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of extraction metadata: cells the box touches (k), cells of the grid (N), effective patch side (px).
+
+    Each row is mapped through its own image's geometry (the ``geometry`` column), so a
+    cohort of mixed image sizes is counted right.
+    """
     geoms = _geometries(meta)
     boxes = meta[["x1", "y1", "x2", "y2"]].to_numpy(np.float64)
     k = np.empty(len(meta))
@@ -188,7 +192,7 @@ def dilution_table(emb: Embeddings, folds: np.ndarray, *, n_boot: int = 500, ci:
     if folds.shape[0] != len(meta):
         raise ValueError(f"folds has {folds.shape[0]} entries for {len(meta)} rows; give one fold index per row")
     roi, pm = emb.features["roi_local"], emb.features["patch_mean"]
-    k_all, n_all, _ = _box_cells(meta)
+    k_all, n_all, _ = box_cells(meta)
     rows = []
     for c_i, (cell, part) in enumerate(meta.groupby("cell", sort=False)):
         i0, i1 = _pairs(part)
@@ -417,7 +421,7 @@ def analyse(emb: Embeddings, panel_cells: Sequence[Mapping], *, n_splits: int = 
             raise ValueError("readouts need the stored token grids: extract with store_grid=True (cxrcore audit --readouts)")
         oof = readout_scores(oof, grids, "arm", by=["cell"], readouts=readouts, probe=probe, seed=seed)
         gap = gap_closure_table(oof, "arm", readouts=readouts, by=["cell"], n_boot=n_boot, ci=ci, seed=seed)
-    _, _, patch = _box_cells(meta)
+    _, _, patch = box_cells(meta)
     patch_px = pd.Series(patch).groupby(meta["cell"].to_numpy()).median()
     info = cells.set_index("cell")
     scores = modes + readouts

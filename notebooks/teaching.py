@@ -79,6 +79,7 @@ import cxrcore
 from cxrcore import report
 from cxrcore.cohorts import SyntheticCohort
 from cxrcore.encoders import check_encoders
+from cxrcore.audit import box_cells
 from cxrcore.extract import encode_panel, read_with_mask
 from cxrcore.perturb import PerturbationCell
 from cxrcore.pooling import POOLING_MODES
@@ -257,11 +258,9 @@ emb_sweep = encode_panel(cohort, encoder, sweep, seed=seed)  # every image once 
 oof = out_of_fold_table(emb_sweep.meta, emb_sweep.features, "arm", by=["cell"], n_splits=5, seed=seed)
 curve = auc_table(oof, list(POOLING_MODES), "arm", by=["cell"], score_name="pooling", group_col="patient_id",
                   n_boot=n_boot, seed=seed)
-# tokens under each box, through the encoder's own geometry
-geom = encoder.geometry_for(image.shape)
+# tokens under each box, through the geometry of the box's own image (the images differ in size)
 boxes = emb_sweep.meta.query("arm == 1")
-tokens = boxes.assign(tokens=[geom.cell_mask(b).sum() for b in boxes[["x1", "y1", "x2", "y2"]].to_numpy()]
-                      ).groupby("cell")["tokens"].mean().round()
+tokens = boxes.assign(tokens=box_cells(boxes)[0]).groupby("cell")["tokens"].mean().round()
 curve = curve.assign(footprint_px=curve["cell"].map({c.name: c.footprint_px for c in sweep}),
                      tokens=curve["cell"].map(tokens), encoder=encoder_key)
 fig = report.dilution_figure(curve, patches_per_px={encoder_key: report.patches_per_px(encoder, image.shape)},

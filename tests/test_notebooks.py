@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,17 @@ def test_panel_and_disease_pages_refuse_a_wrong_parameter_before_any_work(name, 
                             kernel_name="python3", cwd=str(ROOT), progress_bar=False)
     assert message in str(err.value) and "accepted" in str(err.value)
     assert err.value.cell_index <= 4, "a wrong parameter must stop before any work is done"
+
+
+def test_teaching_counts_tokens_under_each_box_in_its_own_image(tmp_path):
+    """The synthetic cohort's images differ in size (512-768 px): exercise 2 counts the tokens under each box
+    through that box's own image geometry, not the first image's (which once stopped the default book; with
+    seed 7 the first image is the smallest, 515 px, and the others reach 762 px)."""
+    out = tmp_path / "out.ipynb"
+    pm.execute_notebook(str(_to_ipynb(ROOT / "notebooks" / "teaching.py", tmp_path)), str(out),
+                        parameters={"encoder_key": "dino-resnet50", "n_images": 20, "seed": 7, "n_boot": 20,
+                                    "copies": 2, "footprints_px": [10, 20], "output_dir": str(tmp_path / "o")},
+                        kernel_name="python3", cwd=str(ROOT), progress_bar=False)
+    wide = [o for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", [])
+            if "AUC 0.75 is first reached" in json.dumps(o)]
+    assert wide, "exercise 2's summary did not print"
