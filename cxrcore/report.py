@@ -313,7 +313,7 @@ def describe_methods(table: "pd.DataFrame | pd.Series | Sequence[str]", column: 
     words = [METHOD_WORDS.get(c, f"`{c}`") for c in counts.index]
     if len(words) == 1:
         return words[0]
-    return "; ".join(f"{w} ({n} rows)" for w, n in zip(words, counts.tolist()))
+    return "; ".join(f"{w}, for {n} row{'' if n == 1 else 's'}" for w, n in zip(words, counts.tolist()))
 
 
 # -- tables for reading --------------------------------------------------------------------

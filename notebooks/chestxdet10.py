@@ -314,8 +314,7 @@ for enc, c in gaps.reset_index()[keys].drop_duplicates().itertuples(index=False)
     r["positives small / large"] = f"{int(by_st.loc[(enc, c, 'cls', 'small'), 'n_pos'])} / {int(by_st.loc[(enc, c, 'cls', 'large'), 'n_pos'])}"
     rows.append(r)
 report.publish_table(pd.DataFrame(rows), "tab-chestxdet10-strata", output_dir, full=strata,
-                     note=f"Produced with: {provenance}. AUC CIs: {report.describe_methods(image.aucs, 'ci_method')} (resampling patients where a "
-                          "patient has several images); gap CIs: " + report.describe_methods(strata, 'gap_method') + ".")
+                     note=f"Produced with: {provenance}. AUC CIs: {report.describe_methods(image.aucs, 'ci_method')}; gap CIs: " + report.describe_methods(strata, 'gap_method') + ".")
 
 cls_gaps = gaps.xs("cls", level="pooling").reset_index()
 top = cls_gaps.loc[cls_gaps["gap"].idxmax()] if cls_gaps["gap"].notna().any() else None

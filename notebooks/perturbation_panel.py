@@ -637,11 +637,15 @@ else:
 if len(resnet_cls):
     rs = sw[(sw["encoder"] == "dino-resnet50")]
     same = table[table["encoder"] == "dino-resnet50"].pivot_table(index="cell", columns="pooling", values="auc")
+    resnet_diff = float((same["cls"] - same["patch_mean"]).abs().max())
     report.glue_markdown("num-perturbation-resnet", (
         f"Its `cls` reaches AUC {report.format_range(rs[rs['pooling'] == 'cls']['auc'])} along the sweep and "
         f"{report.format_range(resnet_cls)} over all cells; its `roi_local` "
-        f"{report.format_range(rs[rs['pooling'] == 'roi_local']['auc'])} along the sweep. Its `cls` and `patch_mean` "
-        f"AUCs differ by at most {float((same['cls'] - same['patch_mean']).abs().max()):.3f}."))
+        f"{report.format_range(rs[rs['pooling'] == 'roi_local']['auc'])} along the sweep. "
+        + ("Its `cls` and `patch_mean` AUCs are the same in every cell, to three decimals: a ResNet has no class token, and its `cls` is the global average pool of its last "
+           "feature map, which is `patch_mean`." if resnet_diff < 5e-4 else
+           f"Its `cls` and `patch_mean` AUCs differ by up to {resnet_diff:.3f}, although its `cls` is the global "
+           "average pool of its last feature map (`patch_mean`): the two probes were fitted separately.")))
 else:
     report.glue_markdown("num-perturbation-resnet", "Not run in this build (`dino-resnet50` is not among the encoders).")
 scope = {
