@@ -71,7 +71,7 @@ from .perturb import PerturbationCell
 from .pooling import POOLING_MODES
 from .store import Embeddings, geometry_from_json
 
-__all__ = ["AuditResult", "QUICK", "FULL", "SCHEMA_FILE", "analyse", "analyse_store", "audit", "cards_figure",
+__all__ = ["AuditResult", "QUICK", "FULL", "SCHEMA_FILE", "analyse", "analyse_store", "audit", "cards_figure", "encoders_figure",
            "detectable_footprint", "flags_table", "footprints_side_by_side",
            "dilution_figure", "dilution_shown", "dilution_table", "footprint_table", "effective_patch_px", "box_cells", "expected_auc", "load_schema", "main",
            "register", "run", "series_name", "validate_record", "verdict_lines"]
@@ -579,6 +579,59 @@ def cards_figure(results: Mapping[str, "AuditResult"], *, threshold: float = DEF
     fig.legend(list(handles.values()), list(handles), frameon=False, loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle("\n".join(t for t in (title, f"({label})" if label else "") if t), fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def encoders_figure(results: Mapping[str, "AuditResult"], *, series: str | None = None,
+                    threshold: float = DEFAULT_THRESHOLD, col_wrap: int = 3, title: str = "", label: str = ""):
+    """Several encoders' audit curves side by side: one panel per encoder for one series of the sweep.
+
+    ``results``: encoder key -> :class:`AuditResult`. Each panel is
+    :func:`dilution_figure` for that encoder (AUC per pooling mode against
+    footprint in px and patches, the mean-pooling expectation dashed with its band, the
+    detection threshold dotted, red crosses where ``cls`` falls below the expectation).
+    ``series``: which series (a kind at one strength; default: the first of the sweep).
+    Panels wrap ``col_wrap`` to a row, encoders in the book's order
+    (:data:`cxrcore.report.ENCODER_ORDER`), one legend below. (The audit draws in the
+    book's house style, so it imports :mod:`cxrcore.report`; report never imports the audit.)
+    """
+    import matplotlib.pyplot as plt
+
+    from .report import PAGE_WIDTH_IN, order_encoders, set_style
+
+    set_style()
+    keys = order_encoders(results)
+    if not keys:
+        raise ValueError("encoders_figure: no audit results to draw")
+    first = results[keys[0]].auc
+    series = series or first["series"].iloc[0]
+    missing = [k for k in keys if series not in set(results[k].auc["series"])]
+    if missing:
+        raise ValueError(f"encoders_figure: series {series!r} is not in the audits of {missing}; "
+                         f"series there: {sorted(set(first['series']))}")
+    ncols = max(1, min(len(keys), col_wrap))
+    nrows = int(np.ceil(len(keys) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_WIDTH_IN, 2.5 * nrows + 1.3), sharey=True, squeeze=False,
+                             layout="constrained")
+    handles: dict[str, object] = {}
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(keys):
+            ax.axis("off")
+            continue
+        r = results[keys[k]]
+        dilution_figure(r.auc[r.auc["series"] == series], r.dilution[r.dilution["series"] == series],
+                        threshold=threshold, axes=[ax])
+        ax.set_title(keys[k], fontsize=9.5)
+        ax.set_ylabel("AUC (95% CI)" if k % ncols == 0 else "")
+        if k // ncols < nrows - 1 and k + ncols < len(keys):
+            ax.set_xlabel("")
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 3),
+               frameon=False, fontsize=8)
+    text = "\n".join(t for t in (title, series, f"({label})" if label else "") if t)
+    if text:
+        fig.suptitle(text, fontsize=9.5)
     return fig
 
 

@@ -68,7 +68,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxrcore import report
-from cxrcore.audit import FULL, QUICK, audit, flags_table, footprints_side_by_side
+from cxrcore.audit import FULL, QUICK, audit, encoders_figure, flags_table, footprints_side_by_side
 from cxrcore.cohorts import check_cohort, get_cohort
 from cxrcore.encoders import check_encoders
 from cxrcore.perturb import Panel, load_panel
@@ -168,8 +168,8 @@ report.publish_table(runs, "tab-audit-runs", output_dir, floatfmt="{:.1f}")
 #   expectation of at least 0.55.
 
 # %% tags=["remove-cell"]
-fig = report.audit_grid_figure(results, threshold=threshold, label=provenance,
-                               title="Small-lesion audit: AUC against footprint per encoder")
+fig = encoders_figure(results, threshold=threshold, label=provenance,
+                      title="Small-lesion audit: AUC against footprint per encoder")
 report.publish_figure(fig, "fig-audit-curves", output_dir)
 
 # %% [markdown]

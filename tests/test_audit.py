@@ -245,6 +245,12 @@ def test_side_by_side_helpers(mean_shift_audit):
     assert any("roi_local detects it from" in line for line in res.findings)
     fig = A.cards_figure(both, label="synthetic tokens")
     assert len(fig.axes) == 2 * 1
+    three = {"dino-resnet50": res, "rad-dino": res, "biomedclip": res}  # drawn in the book's encoder order
+    fig = A.encoders_figure(three, col_wrap=2, title="t", label="synthetic tokens")
+    drawn = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.axison]
+    assert drawn[:3] == ["rad-dino", "biomedclip", "dino-resnet50"] and "synthetic tokens" in fig._suptitle.get_text()
+    with pytest.raises(ValueError, match="series 'nope' is not in the audits"):
+        A.encoders_figure(three, series="nope")
 
 
 def test_resize_short_reaches_the_encoder(monkeypatch, tmp_path, capsys):
