@@ -12,12 +12,12 @@ from pathlib import Path
 
 import jupytext
 import nbformat
-import numpy as np
 import pandas as pd
 import papermill as pm
 import pytest
 
 from cxrcore.cli import main
+from notebook_runs import run_notebook, same_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCODERS = ["biomedclip", "dino-resnet50"]
@@ -27,35 +27,6 @@ RUN = ["--num-workers", "0", "--no-progress"]
 pytestmark = pytest.mark.slow  # four papermill runs and two extractions: about a minute on 2 cores
 
 
-def _run(name: str, tmp: Path, out: Path, **params) -> Path:
-    src = tmp / f"{name}.ipynb"
-    if not src.exists():
-        nbformat.write(jupytext.read(ROOT / "notebooks" / f"{name}.py"), src)
-    out.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(src), str(out / f"{name}.ipynb"), parameters={**params, "output_dir": str(out / name)},
-                        kernel_name="python3", cwd=str(ROOT), progress_bar=False)
-    return out / name
-
-
-def _same_tables(a: Path, b: Path, skip=()) -> list[str]:
-    names = sorted(p.name for p in a.glob("tab-*.csv"))
-    assert names and names == sorted(p.name for p in b.glob("tab-*.csv")), "the two runs wrote different tables"
-    compared = []
-    for name in names:
-        if name in skip:
-            continue
-        x, y = pd.read_csv(a / name), pd.read_csv(b / name)
-        assert list(x.columns) == list(y.columns) and len(x) == len(y), name
-        for c in x.columns:
-            if pd.api.types.is_numeric_dtype(x[c]) and pd.api.types.is_numeric_dtype(y[c]):
-                np.testing.assert_allclose(x[c].to_numpy(float), y[c].to_numpy(float), rtol=1e-6, atol=1e-12,
-                                           equal_nan=True, err_msg=f"{name}: column {c!r}")
-            else:
-                assert x[c].fillna("").astype(str).tolist() == y[c].fillna("").astype(str).tolist(), f"{name}: {c!r}"
-        compared.append(name)
-    return compared
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("boxes-store")
@@ -63,7 +34,7 @@ def runs(tmp_path_factory):
     cxd = {**common, "readout_encoders": ["biomedclip"]}
     jit = {**common, "sigmas_px": [0, 10], "scale_sigmas": [0.0]}
     fresh, stored = tmp / "fresh", tmp / "stored"
-    out = {"fresh": {"chestxdet10": _run("chestxdet10", tmp, fresh, **cxd)}}
+    out = {"fresh": {"chestxdet10": run_notebook("chestxdet10", tmp, fresh, **cxd)}}
     # a store per encoder from the cohort the page generated: every box the page pools (--boxes, the table the page
     # writes) and the patch grids (--store-grid) the readouts and the jitter re-pool
     boxes = out["fresh"]["chestxdet10"] / "tab-chestxdet10-roi-boxes.csv"
@@ -72,14 +43,14 @@ def runs(tmp_path_factory):
         stores[key] = str(tmp / "store" / key)
         assert main(["extract", "--encoder", key, "--stand-in", "--cohort", "chestxdet10", "--data-root",
                      str(tmp / "cxd"), "--boxes", str(boxes), "--store-grid", *RUN, "--out", stores[key]]) == 0
-    out["stored"] = {"chestxdet10": _run("chestxdet10", tmp, stored, **cxd, store=stores)}
-    out["fresh"]["box_jitter"] = _run("box_jitter", tmp, fresh, **jit)
-    out["stored"]["box_jitter"] = _run("box_jitter", tmp, stored, **jit, store=stores)
+    out["stored"] = {"chestxdet10": run_notebook("chestxdet10", tmp, stored, **cxd, store=stores)}
+    out["fresh"]["box_jitter"] = run_notebook("box_jitter", tmp, fresh, **jit)
+    out["stored"]["box_jitter"] = run_notebook("box_jitter", tmp, stored, **jit, store=stores)
     return out
 
 
 def test_chestxdet10_from_the_store_gives_the_in_process_tables(runs):
-    compared = _same_tables(runs["fresh"]["chestxdet10"], runs["stored"]["chestxdet10"])
+    compared = same_tables(runs["fresh"]["chestxdet10"], runs["stored"]["chestxdet10"])
     # the image level, the box level and the box-free readouts were all compared, not skipped
     for key in ("tab-chestxdet10-strata.csv", "tab-chestxdet10-box.csv", "tab-chestxdet10-closure.csv",
                 "tab-chestxdet10-exclusions.csv"):
@@ -90,7 +61,7 @@ def test_chestxdet10_from_the_store_gives_the_in_process_tables(runs):
 
 def test_box_jitter_from_a_grid_store_gives_the_in_process_tables(runs):
     fresh, stored = runs["fresh"]["box_jitter"], runs["stored"]["box_jitter"]
-    compared = _same_tables(fresh, stored, skip=("tab-boxjitter-passes.csv",))
+    compared = same_tables(fresh, stored, skip=("tab-boxjitter-passes.csv",))
     assert "tab-boxjitter-auc.csv" in compared and "tab-boxjitter-clustered-delong.csv" in compared
     # one forward pass per image in-process, none from the store; the same grids either way
     a, b = pd.read_csv(fresh / "tab-boxjitter-passes.csv"), pd.read_csv(stored / "tab-boxjitter-passes.csv")

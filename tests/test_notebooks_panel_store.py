@@ -8,18 +8,12 @@ relative, text exactly.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import jupytext
-import nbformat
-import numpy as np
 import pandas as pd
-import papermill as pm
 import pytest
 
 from cxrcore.cli import main
+from notebook_runs import run_notebook, same_tables
 
-ROOT = Path(__file__).resolve().parent.parent
 ENCODERS = ["rad-dino", "biomedclip"]
 RUN = ["--num-workers", "0", "--no-progress"]
 # two footprints of one contrast: the smallest panel with a footprint sweep (the page draws its dilution curve)
@@ -32,31 +26,6 @@ cells:
 """
 
 pytestmark = pytest.mark.slow  # four papermill runs and three extractions: about a minute on 2 cores
-
-
-def _run(name: str, tmp: Path, out: Path, **params) -> Path:
-    src = tmp / f"{name}.ipynb"
-    if not src.exists():
-        nbformat.write(jupytext.read(ROOT / "notebooks" / f"{name}.py"), src)
-    out.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(src), str(out / f"{name}.ipynb"), parameters={**params, "output_dir": str(out / name)},
-                        kernel_name="python3", cwd=str(ROOT), progress_bar=False)
-    return out / name
-
-
-def _same_tables(a: Path, b: Path) -> list[str]:
-    names = sorted(p.name for p in [*a.glob("tab-*.csv"), a / "summary.csv"])
-    assert names == sorted(p.name for p in [*b.glob("tab-*.csv"), b / "summary.csv"]), "the runs wrote other tables"
-    for name in names:
-        x, y = pd.read_csv(a / name), pd.read_csv(b / name)
-        assert list(x.columns) == list(y.columns) and len(x) == len(y), name
-        for c in x.columns:
-            if pd.api.types.is_numeric_dtype(x[c]) and pd.api.types.is_numeric_dtype(y[c]):
-                np.testing.assert_allclose(x[c].to_numpy(float), y[c].to_numpy(float), rtol=1e-6, atol=1e-12,
-                                           equal_nan=True, err_msg=f"{name}: column {c!r}")
-            else:
-                assert x[c].fillna("").astype(str).tolist() == y[c].fillna("").astype(str).tolist(), f"{name}: {c!r}"
-    return names
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +49,15 @@ def runs(tmp_path_factory):
     fresh, stored = tmp / "fresh", tmp / "stored"
     # from a store nothing is encoded: a device this machine lacks would stop any in-process forward pass
     absent = {"device": "cuda:99"}
-    return {"panel": (_run("perturbation_panel", tmp, fresh, **pp),
-                      _run("perturbation_panel", tmp, stored, **pp, **absent, store=stores["panel"])),
-            "disease": (_run("disease_probes", tmp, fresh, **dp),
-                        _run("disease_probes", tmp, stored, **dp, **absent, store=stores["disease"]["biomedclip"]))}
+    return {"panel": (run_notebook("perturbation_panel", tmp, fresh, **pp),
+                      run_notebook("perturbation_panel", tmp, stored, **pp, **absent, store=stores["panel"])),
+            "disease": (run_notebook("disease_probes", tmp, fresh, **dp),
+                        run_notebook("disease_probes", tmp, stored, **dp, **absent, store=stores["disease"]["biomedclip"]))}
 
 
 def test_the_panel_from_stores_gives_the_in_process_tables(runs):
     fresh, stored = runs["panel"]
-    names = _same_tables(fresh, stored)
+    names = same_tables(fresh, stored, with_summary=True)
     # the page's main tables, the box-free readouts (from the stored float16 grids) and the summary's rows among them
     assert {"tab-perturbation-auc.csv", "tab-perturbation-dilution.csv", "tab-perturbation-readouts.csv",
             "tab-perturbation-within-pair.csv", "tab-perturbation-paired-tests.csv", "summary.csv"} <= set(names)
@@ -99,5 +68,5 @@ def test_the_panel_from_stores_gives_the_in_process_tables(runs):
 
 def test_the_disease_probes_from_a_store_give_the_in_process_tables(runs):
     fresh, stored = runs["disease"]
-    assert {"tab-disease-auc.csv", "tab-disease-paired-tests.csv", "summary.csv"} <= set(_same_tables(fresh, stored))
+    assert {"tab-disease-auc.csv", "tab-disease-paired-tests.csv", "summary.csv"} <= set(same_tables(fresh, stored, with_summary=True))
 
