@@ -43,11 +43,24 @@ from sklearn.base import BaseEstimator, clone
 
 from .geometry import Geometry
 
-__all__ = ["GeMPooling", "GridView", "LSEMIL", "READOUTS", "READOUT_NEEDS", "TokenScorer", "gap_closure_table",
-           "gem", "needs_table", "readout_scores", "top_k_mean"]
+__all__ = ["GeMPooling", "GridView", "LSEMIL", "READOUTS", "READOUT_NEEDS", "TokenScorer", "check_readouts",
+           "gap_closure_table", "gem", "needs_table", "readout_scores", "top_k_mean"]
 
 #: The box-free readouts, in the order tables show them.
 READOUTS: tuple[str, ...] = ("gem", "patch_max", "topk_mean", "mil")
+
+
+
+def check_readouts(readouts, readout_encoders, encoders) -> None:
+    """Stop on a notebook's readout parameters before any work: unknown readouts, or readout encoders not encoded."""
+    bad = [r for r in readouts if r not in READOUTS]
+    if bad:
+        raise ValueError(f"readouts {bad}: accepted are {list(READOUTS)}, or [] for none "
+                         f"({', '.join(map(str, bad))}: unknown readout)")
+    if readouts and not set(readout_encoders) & set(encoders):
+        raise ValueError(f"readout_encoders {list(readout_encoders)} share no encoder with encoders {list(encoders)}; "
+                         "accepted: a subset of encoders, or readouts=[] to skip the box-free readouts")
+
 
 #: What each score needs, for the reader to judge a comparison: (training, at test time, kind).
 READOUT_NEEDS: dict[str, tuple[str, str, str]] = {

@@ -316,6 +316,15 @@ def describe_methods(table: "pd.DataFrame | pd.Series | Sequence[str]", column: 
     return "; ".join(f"{w}, for {n} row{'' if n == 1 else 's'}" for w, n in zip(words, counts.tolist()))
 
 
+def notes_sentence(table: pd.DataFrame, column: str = "note") -> str:
+    """One sentence for a page: how many rows of a statistics table carry a note, with the first as an example."""
+    notes = table[column].fillna("").astype(str) if column in table.columns else pd.Series([], dtype=str)
+    if not (notes != "").any():
+        return "No row carries a note."
+    return (f"{int((notes != '').sum())} of {len(table)} rows carry a note (`{column}` column of the CSV), e.g. "
+            f"\"{notes[notes != ''].iloc[0]}\".")
+
+
 # -- tables for reading --------------------------------------------------------------------
 _P_COL = re.compile(r"(p|q)([ _-]?(value|val|adj|adjusted))?([ _-]?\(.*\)|[ _-](bh|fdr|holm))?", re.I)
 _COUNT_COL = re.compile(r"^(n|count|k)$|^n[ _]|[ _]n$|count|^#|images|boxes|patients|excluded|replicates", re.I)

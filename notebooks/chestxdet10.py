@@ -97,7 +97,7 @@ from cxrcore.cohorts import check_cohort
 from cxrcore.cohorts.synthetic_lesions import open_chestxdet10
 from cxrcore.encoders import check_encoders
 from cxrcore.extract import embeddings
-from cxrcore.readouts import READOUTS, gap_closure_table, needs_table
+from cxrcore.readouts import check_readouts, gap_closure_table, needs_table
 from cxrcore.stats import FewClustersWarning, fdr_bh
 from cxrcore.store import geometry_from_json
 
@@ -105,12 +105,7 @@ from cxrcore.store import geometry_from_json
 warnings.filterwarnings("ignore", category=FewClustersWarning)
 check_encoders(encoders)
 check_cohort(cohort, accepted=["chestxdet10"])  # the cohorts with lesion boxes
-bad = [r for r in readouts if r not in READOUTS]
-if bad:
-    raise ValueError(f"readouts {bad}: accepted are {list(READOUTS)} (or [] for none)")
-if readouts and not set(readout_encoders) & set(encoders):
-    raise ValueError(f"readout_encoders {readout_encoders} share no encoder with encoders {encoders}; "
-                     "name at least one of them, or pass readouts=[]")
+check_readouts(readouts, readout_encoders, encoders)
 encoders = report.order_encoders(encoders)
 
 

@@ -168,10 +168,7 @@ table = table.sort_values(["label", "encoder"], key=lambda s: s.map(lab_order if
                           kind="stable").reset_index(drop=True)
 table["produced_with"] = provenance
 report.glue_text("num-disease-auc-ci", report.describe_methods(table))
-notes = table["note"].fillna("").astype(str)
-report.glue_markdown("num-disease-auc-notes", (
-    f"{int((notes != '').sum())} of {len(table)} rows carry a note (`note` column of the CSV), e.g. "
-    f"\"{notes[notes != ''].iloc[0]}\"." if (notes != "").any() else "No row carries a note."))
+report.glue_markdown("num-disease-auc-notes", report.notes_sentence(table))
 fig = report.auc_by_pooling_figure(table, x="encoder", col="label", title="Globally decided findings", label=provenance)
 report.publish_figure(fig, "fig-disease-auc", output_dir)
 shown = table.assign(ci=report.with_ci(table)).pivot_table(index=["label", "encoder"], columns="pooling", values="ci",

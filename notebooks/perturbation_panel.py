@@ -94,7 +94,7 @@ from cxrcore.extract import embeddings, read_with_mask
 from cxrcore.perturb import load_panel, panel_examples
 from cxrcore.pooling import POOLING_MODES
 from cxrcore.probes import out_of_fold_table
-from cxrcore.readouts import READOUTS, gap_closure_table, needs_table, readout_scores
+from cxrcore.readouts import check_readouts, gap_closure_table, needs_table, readout_scores
 from cxrcore.stats import FewClustersWarning, auc_table, compare_table, within_pair_table
 from cxrcore.store import geometry_from_json
 
@@ -103,12 +103,7 @@ warnings.simplefilter("ignore", FewClustersWarning)
 
 check_encoders(encoders)
 check_cohort(cohort)
-unknown = [r for r in readouts if r not in READOUTS]
-if unknown:
-    raise ValueError(f"unknown readout(s) {unknown}; accepted: {list(READOUTS)}")
-if readouts and not set(readout_encoders) & set(encoders):
-    raise ValueError(f"readout_encoders {readout_encoders} share no encoder with encoders {encoders}; accepted: a "
-                     "subset of encoders (or readouts=[] to skip the box-free readouts)")
+check_readouts(readouts, readout_encoders, encoders)
 cells = load_panel(panel)
 sweep = report.footprint_sweep(cells.table())  # the nodule cells of one contrast over the most footprints
 if len(sweep) < 2:
@@ -267,10 +262,7 @@ table = table.sort_values(["encoder", "cell"], key=lambda s: s.map(enc_order if 
                           kind="stable").reset_index(drop=True)
 table["produced_with"] = provenance
 report.glue_text("num-perturbation-auc-ci", report.describe_methods(table))
-notes = table["note"].fillna("").astype(str)
-report.glue_markdown("num-perturbation-auc-notes", (
-    f"{int((notes != '').sum())} of {len(table)} rows carry a note (`note` column of the CSV), e.g. "
-    f"\"{notes[notes != ''].iloc[0]}\"." if (notes != "").any() else "No row carries a note."))
+report.glue_markdown("num-perturbation-auc-notes", report.notes_sentence(table))
 by_mode = (table.assign(ci=report.with_ci(table)).pivot_table(index=["encoder", "cell"], columns="pooling", values="ci",
                                                               aggfunc="first", sort=False)[modes].reset_index())
 by_mode.columns.name = None

@@ -185,3 +185,14 @@ def test_fpr_at_sensitivity_definition():
     s = np.r_[np.arange(10.0), [0.5, 1.0, 8.5, 20.0]]
     fpr, fp, n = R._fpr_at_sensitivity(y, s, 0.9)  # threshold 1.0 keeps 9 of 10 positives
     assert (fp, n) == (3, 4) and fpr == 0.75
+
+
+def test_check_readouts_names_what_is_accepted():
+    from cxrcore.readouts import READOUTS, check_readouts
+
+    check_readouts(list(READOUTS), ["rad-dino"], ["rad-dino", "biomedclip"])
+    check_readouts([], ["dinov2-b14"], ["rad-dino"])  # no readouts: their encoders do not matter
+    with pytest.raises(ValueError, match=r"readouts \['max_pool'\]: accepted are .*max_pool: unknown readout"):
+        check_readouts(["gem", "max_pool"], ["rad-dino"], ["rad-dino"])
+    with pytest.raises(ValueError, match="share no encoder with encoders.*accepted: a subset of encoders"):
+        check_readouts(["gem"], ["dinov2-b14"], ["rad-dino"])

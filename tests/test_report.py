@@ -454,3 +454,10 @@ def test_page_path_is_relative_to_where_the_page_lands(tmp_path, monkeypatch):
     assert report.page_path(card, out) == "figures/audit/cards/rad-dino/audit.html"
     monkeypatch.setenv("CXRCORE_PAGE_DIR", str(tmp_path))
     assert report.page_path(card, out) == "gen/figures/audit/cards/rad-dino/audit.html"
+
+
+def test_notes_sentence_counts_the_rows_with_a_note():
+    t = pd.DataFrame({"auc": [0.5, 0.6, 0.7], "note": [None, "few clusters", ""]})
+    assert report.notes_sentence(t) == '1 of 3 rows carry a note (`note` column of the CSV), e.g. "few clusters".'
+    assert report.notes_sentence(t.assign(note="")) == "No row carries a note."
+    assert report.notes_sentence(t.drop(columns="note")) == "No row carries a note."
